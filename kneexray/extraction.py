@@ -1,0 +1,63 @@
+"""The extract stage's work: unpack safely, find the class folders, curate, audit."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from kneexray import CLASSES
+from kneexray.archive import ExtractLimits, extract_nested, find_class_dirs
+from kneexray.atomic import atomic_path, write_json
+from kneexray.curation import curate
+from kneexray.patients import audit_patient_table
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "index.csv"
+FINGERPRINTS_FILE = "fingerprints.npy"
+IMAGES_DIR = "images"
+
+
+def audit_counts(audit: dict) -> dict:
+    """The numbers of the audit, without the lists of files."""
+    counts = {k: v for k, v in audit.items() if not isinstance(v, (list, dict))}
+    counts["images_per_class"] = audit["images_per_class"]
+    table = audit["patient_table"]
+    counts["patient_table"] = {k: v for k, v in table.items() if isinstance(v, (int, float, bool))}
+    return counts
+
+
+def extract_dataset(archive: str | Path, out_dir: str | Path, audit_path: str | Path, details_path: str | Path,
+                    cfg: dict) -> dict:
+    """Unpack `archive` into a scratch folder beside `out_dir`, then write out_dir atomically:
+    images/<class>/*, index.csv and fingerprints.npy. The audit's counts go to `audit_path`
+    (small, diffable) and its lists of files to `details_path`."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    limits = ExtractLimits(max_depth=cfg["max_depth"], max_total_bytes=cfg["max_total_mb"] * 2**20,
+                           max_ratio=float(cfg["max_ratio"]))
+    scratch = Path(tempfile.mkdtemp(prefix=".extract-", dir=out_dir.parent))
+    try:
+        unpacked = scratch / "unpacked"
+        extract_nested(archive, unpacked, limits)
+        class_dirs = find_class_dirs(unpacked, CLASSES)
+        log.info("class folders: %s", {c: str(p.relative_to(unpacked)) for c, p in class_dirs.items()})
+        with atomic_path(out_dir) as tmp:
+            curated = curate(class_dirs, tmp / IMAGES_DIR, max_pixels=cfg["max_pixels"], min_side=cfg["min_side"],
+                             near_duplicate_distance=cfg["near_duplicate_distance"],
+                             keep_conflicts=cfg["keep_conflicts"])
+            if curated.index.empty:
+                raise ValueError(f"{archive}: no usable images in the class folders")
+            curated.index["path"] = IMAGES_DIR + "/" + curated.index["path"]  # relative to out_dir
+            curated.index.to_csv(tmp / INDEX_FILE, index=False)
+            np.save(tmp / FINGERPRINTS_FILE, curated.fingerprints)
+            audit = {**curated.audit, "patient_table": audit_patient_table(unpacked, curated.index)}
+            write_json(details_path, audit)
+            write_json(audit_path, audit_counts(audit))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return audit

@@ -1,0 +1,97 @@
+"""The input pipeline: decode each radiograph once, keep small grey arrays, feed tf.data.
+
+Real radiographs are JPEGs of up to 2660 px; decoding them every epoch would dominate training
+time on a CPU. They are decoded once (at reduced JPEG scale), resized to `image.size` and kept
+in memory as uint8, which for the real data is 239 x 224 x 224 bytes = 12 MB.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+from tqdm import tqdm
+
+from kneexray import CLASSES
+from kneexray.images import load_grey_array
+from kneexray.layers import RandomScaleBrightness
+
+log = logging.getLogger(__name__)
+
+
+def read_split(csv_path: str | Path) -> pd.DataFrame:
+    """A split list: one row per image with at least `path` and `label` columns."""
+    frame = pd.read_csv(csv_path)
+    missing = {"path", "label"} - set(frame.columns)
+    if missing:
+        raise ValueError(f"{csv_path}: missing column(s) {', '.join(sorted(missing))}")
+    unknown = set(frame["label"]) - set(CLASSES)
+    if unknown:
+        raise ValueError(f"{csv_path}: unknown label(s) {', '.join(sorted(unknown))}; expected {', '.join(CLASSES)}")
+    return frame
+
+
+def load_images(paths, size: int, *, root: str | Path = ".", workers: int = 2, desc: str = "decode") -> np.ndarray:
+    """(N, size, size, 1) uint8; PIL releases the GIL while decoding, so threads help."""
+    root = Path(root)
+    paths = [root / p for p in paths]
+    out = np.empty((len(paths), size, size, 1), dtype=np.uint8)
+
+    def one(i: int) -> None:
+        out[i, :, :, 0] = load_grey_array(paths[i], size)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(tqdm(pool.map(one, range(len(paths))), total=len(paths), desc=desc, disable=not sys.stderr.isatty(), leave=False))
+    return out
+
+
+def label_indices(labels) -> np.ndarray:
+    index = {name: i for i, name in enumerate(CLASSES)}
+    return np.array([index[label] for label in labels], dtype=np.int64)
+
+
+def build_augmenter(augment: dict, seed: int) -> tf.keras.Sequential | None:
+    """Keras preprocessing layers for training batches only (validation/test are never augmented)."""
+    import keras
+
+    layers = []
+    if augment["horizontal_flip"]:
+        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+    if augment["rotation_deg"] > 0:
+        layers.append(keras.layers.RandomRotation(augment["rotation_deg"] / 360.0, fill_mode="constant", seed=seed + 1))
+    if augment["shift"] > 0:
+        layers.append(keras.layers.RandomTranslation(augment["shift"], augment["shift"], fill_mode="constant", seed=seed + 2))
+    if augment["zoom"] > 0:
+        layers.append(keras.layers.RandomZoom(augment["zoom"], fill_mode="constant", seed=seed + 3))
+    low, high = augment["brightness"]
+    if (low, high) != (1.0, 1.0):
+        layers.append(RandomScaleBrightness(low, high, seed=seed + 4))
+    return keras.Sequential(layers, name="augment") if layers else None
+
+
+def make_dataset(images: np.ndarray, labels: np.ndarray | None, *, batch_size: int, shuffle_seed: int | None = None,
+                 augmenter=None) -> tf.data.Dataset:
+    """Batches of float32 images in [0, 255] (and one-hot labels); preprocessing is in the model."""
+    features = tf.data.Dataset.from_tensor_slices(images)
+    if labels is not None:
+        one_hot = tf.one_hot(labels, len(CLASSES))
+        ds = tf.data.Dataset.zip(features, tf.data.Dataset.from_tensor_slices(one_hot))
+    else:
+        ds = features
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+
+    def to_float(x, *rest):
+        x = tf.cast(x, tf.float32)
+        if augmenter is not None:
+            x = augmenter(x, training=True)
+        return (x, *rest) if rest else x
+
+    # Sequential map: the augmenter's random state must advance in one order for reproducible runs.
+    return ds.map(to_float).prefetch(tf.data.AUTOTUNE)

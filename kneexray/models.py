@@ -1,0 +1,124 @@
+"""The two classifiers: a small CNN from scratch and ResNet50 transfer learning.
+
+Both take (size, size, 1) float images in [0, 255] and carry their own preprocessing, so a saved
+model needs nothing but the pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import keras
+
+from kneexray import CLASSES
+from kneexray.layers import CaffePreprocess, GreyToRGB
+
+log = logging.getLogger(__name__)
+
+RESNET_BASE_NAME = "resnet50"
+
+
+class WeightsUnavailable(RuntimeError):
+    """ImageNet weights were required but could not be had."""
+
+
+def build_cnn(size: int, *, filters: list[int], dense_units: int, dropout: float) -> keras.Model:
+    """Conv blocks [Conv3x3-BN-ReLU, MaxPool, Dropout] then global pooling and a small dense head.
+
+    Global average pooling instead of the original Flatten -> Dense(256): that single layer held
+    25.7 M of its 26.0 M parameters and made the network memorise 190 images.
+    """
+    inputs = keras.Input((size, size, 1), name="image")
+    x = keras.layers.Rescaling(1.0 / 255)(inputs)
+    for i, width in enumerate(filters):
+        x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"conv{i + 1}")(x)
+        x = keras.layers.BatchNormalization(name=f"bn{i + 1}")(x)
+        x = keras.layers.Activation("relu", name=f"relu{i + 1}")(x)
+        x = keras.layers.MaxPooling2D(2, name=f"pool{i + 1}")(x)
+        x = keras.layers.Dropout(dropout / 2, name=f"drop{i + 1}")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(dense_units, activation="relu")(x)
+    x = keras.layers.Dropout(dropout)(x)
+    outputs = keras.layers.Dense(len(CLASSES), activation="softmax", dtype="float32", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="cnn")
+
+
+def resnet_base(size: int, *, weights: str, weights_path: str = "", required: bool = False) -> tuple[keras.Model, str]:
+    """ResNet50 without top, and where its weights came from.
+
+    'imagenet' takes the Keras cache or a download; offline, it falls back to random weights and
+    says so, unless `required`. 'file' loads a local .h5 / .weights.h5 file.
+    """
+    shape = (size, size, 3)
+    if weights == "file":
+        base = keras.applications.ResNet50(include_top=False, weights=None, input_shape=shape, pooling="avg")
+        path = Path(weights_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"resnet.weights_path: {path} does not exist")
+        base.load_weights(path)
+        source = f"file:{path.name}"
+    else:
+        try:
+            base = keras.applications.ResNet50(include_top=False, weights="imagenet", input_shape=shape, pooling="avg")
+            source = "imagenet"
+        except Exception as err:  # offline: urllib/URLError, or an unreadable cache file
+            if required:
+                raise WeightsUnavailable(
+                    f"ImageNet weights for ResNet50 are unavailable ({type(err).__name__}: {err}); "
+                    "resnet.weights_required is true. Put the file in ~/.keras/models or set resnet.weights=file"
+                ) from None
+            log.warning("=" * 72)
+            log.warning("ResNet50 IMAGENET WEIGHTS UNAVAILABLE (%s): using RANDOM weights.", type(err).__name__)
+            log.warning("The 'transfer' model is then a random-feature model; metrics say so.")
+            log.warning("=" * 72)
+            base = keras.applications.ResNet50(include_top=False, weights=None, input_shape=shape, pooling="avg")
+            source = "random"
+    base.name = RESNET_BASE_NAME
+    return base, source
+
+
+def build_resnet(size: int, *, base: keras.Model, dense_units: int, dropout: float) -> keras.Model:
+    """Frozen ResNet50 (BatchNorm in inference mode) with a Dense + Dropout head."""
+    base.trainable = False
+    inputs = keras.Input((size, size, 1), name="image")
+    x = CaffePreprocess(name="resnet_preprocess")(GreyToRGB(name="grey_to_rgb")(inputs))
+    x = base(x, training=False)  # BatchNorm stays in inference mode even when unfrozen later
+    x = keras.layers.Dense(dense_units, activation="relu")(x)
+    x = keras.layers.Dropout(dropout)(x)
+    outputs = keras.layers.Dense(len(CLASSES), activation="softmax", dtype="float32", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="resnet")
+
+
+def unfreeze_top(model: keras.Model, n_layers: int) -> int:
+    """Make the top `n_layers` of the ResNet base trainable (BatchNorm layers stay frozen)."""
+    base = model.get_layer(RESNET_BASE_NAME)
+    base.trainable = True
+    cutoff = len(base.layers) - n_layers
+    count = 0
+    for i, layer in enumerate(base.layers):
+        layer.trainable = i >= cutoff and not isinstance(layer, keras.layers.BatchNormalization)
+        count += int(layer.trainable)
+    return count
+
+
+def forward_flops(model: keras.Model) -> int:
+    """Multiply-adds x 2 of Conv2D and Dense layers for one image (the dominant cost)."""
+    total = 0
+    for layer in _flatten(model):
+        if isinstance(layer, keras.layers.Conv2D):
+            out_h, out_w, out_c = layer.output.shape[1:]
+            k_h, k_w = layer.kernel_size
+            in_c = layer.input.shape[-1] // layer.groups
+            total += 2 * out_h * out_w * out_c * k_h * k_w * in_c
+        elif isinstance(layer, keras.layers.Dense):
+            total += 2 * layer.input.shape[-1] * layer.units
+    return int(total)
+
+
+def _flatten(model: keras.Model):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _flatten(layer)
+        else:
+            yield layer

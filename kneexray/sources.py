@@ -1,0 +1,70 @@
+"""Where the raw dataset comes from: the built-in phantom, a URL, or a local ZIP or folder.
+
+Whatever the source, the result is one ZIP file (nested or not) for the extract stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import zipfile
+from pathlib import Path
+
+from kneexray.atomic import atomic_path
+from kneexray.download import DownloadError, download
+from kneexray.phantom import write_phantom_archive
+
+log = logging.getLogger(__name__)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _pack_folder(folder: Path, out_zip: Path) -> None:
+    """A folder laid out by class becomes a ZIP (stored, not compressed: JPEGs don't shrink)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+    with atomic_path(out_zip) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
+        for path in files:
+            info = zipfile.ZipInfo(path.relative_to(folder).as_posix(), date_time=(1980, 1, 1, 0, 0, 0))
+            archive.writestr(info, path.read_bytes())
+
+
+def _copy_zip(source: Path, out_zip: Path, sha256: str) -> None:
+    if not zipfile.is_zipfile(source):
+        raise ValueError(f"dataset.path: {source} is neither a folder nor a ZIP archive")
+    if sha256 and sha256_file(source).lower() != sha256.lower():
+        raise ValueError(f"dataset.path: {source} does not match dataset.sha256")
+    with atomic_path(out_zip) as tmp:
+        shutil.copyfile(source, tmp)
+
+
+def fetch(params: dict, out_zip: str | Path) -> dict:
+    """Produce the raw dataset ZIP at `out_zip` according to the `dataset` params."""
+    cfg, out_zip = params["dataset"], Path(out_zip)
+    source = cfg["source"]
+    if source == "phantom":
+        ph = params["phantom"]
+        counts = write_phantom_archive(out_zip, n_images=ph["n_images"], class_fractions=ph["class_fractions"],
+                                       size=ph["size"], difficulty=ph["difficulty"], seed=ph["seed"], progress=True)
+        log.info("phantom: %s", counts)
+    elif source == "url":
+        try:
+            download(cfg["url"], out_zip, sha256=cfg["sha256"] or None, max_bytes=cfg["max_download_mb"] * 2**20,
+                     timeout=cfg["timeout_s"], retries=cfg["retries"])
+        except DownloadError as err:
+            raise RuntimeError(str(err)) from None
+    else:
+        path = Path(cfg["path"]).expanduser()
+        if path.is_dir():
+            _pack_folder(path, out_zip)
+        elif path.is_file():
+            _copy_zip(path, out_zip, cfg["sha256"])
+        else:
+            raise FileNotFoundError(f"dataset.path: {path} does not exist (a ZIP or a folder laid out by class)")
+    return {"source": source, "bytes": out_zip.stat().st_size, "sha256": sha256_file(out_zip)}

@@ -1,0 +1,72 @@
+"""Stratified train/validation/test lists where copies of one radiograph never straddle splits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from kneexray import CLASSES
+
+SPLITS = ("train", "val", "test")
+
+
+class SplitError(ValueError):
+    """The data can't be split as asked (a class too small, say)."""
+
+
+def _hold_out(frame: pd.DataFrame, ratio: float, seed: int, what: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One fold of a StratifiedGroupKFold with about 1/ratio folds: stratified by label, whole groups."""
+    folds = max(2, round(1 / ratio))
+    counts = frame["label"].value_counts()
+    too_small = {c: int(counts.get(c, 0)) for c in CLASSES if counts.get(c, 0) < folds}
+    if too_small:
+        raise SplitError(f"{what}: class(es) too small to split at ratio {ratio:g} (need at least {folds} images each): "
+                         + ", ".join(f"{c}={n}" for c, n in too_small.items())
+                         + f"; counts: {dict((c, int(counts.get(c, 0))) for c in CLASSES)}")
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    rest_idx, held_idx = next(splitter.split(frame, frame["label"], groups=frame["group"]))
+    return frame.iloc[rest_idx], frame.iloc[held_idx]
+
+
+def split_index(index: pd.DataFrame, *, test_ratio: float, val_ratio: float, seed: int,
+                group_near_duplicates: bool = True) -> dict[str, pd.DataFrame]:
+    """Test first, then validation from what remains, as in the original notebook (20%, then 10%)."""
+    frame = index.copy()
+    if not group_near_duplicates:  # every image its own group: copies may then leak across splits
+        frame["group"] = np.arange(len(frame))
+    rest, test = _hold_out(frame, test_ratio, seed, "test split")
+    train, val = _hold_out(rest, val_ratio, seed + 1, "validation split")
+    return {name: part.sort_values("path").reset_index(drop=True) for name, part in zip(SPLITS, (train, val, test))}
+
+
+def leaking_pairs(splits: dict[str, pd.DataFrame], distance: np.ndarray, index: pd.DataFrame,
+                  threshold: float) -> list[tuple[str, str, float]]:
+    """Pairs of (near-)copies, by fingerprint distance, that sit in different splits."""
+    where = {path: name for name, part in splits.items() for path in part["path"]}
+    paths = index["path"].tolist()
+    pairs = []
+    for i, j in zip(*np.nonzero(np.triu(distance <= threshold, k=1))):
+        a, b = where.get(paths[i]), where.get(paths[j])
+        if a and b and a != b:
+            pairs.append((paths[i], paths[j], float(distance[i, j])))
+    return pairs
+
+
+def split_counts(splits: dict[str, pd.DataFrame]) -> dict[str, dict[str, int]]:
+    return {name: {c: int((part["label"] == c).sum()) for c in CLASSES} for name, part in splits.items()}
+
+
+class LeakageError(SplitError):
+    """Copies of one radiograph sit in different splits."""
+
+
+def check_leakage(splits: dict[str, pd.DataFrame], index: pd.DataFrame, fingerprints: np.ndarray,
+                  threshold: float) -> None:
+    from kneexray.fingerprint import pairwise_distance
+
+    pairs = leaking_pairs(splits, pairwise_distance(fingerprints), index, threshold)
+    if pairs:
+        shown = "; ".join(f"{a} ~ {b} (distance {d:.4f})" for a, b, d in pairs[:5])
+        raise LeakageError(f"leakage: {len(pairs)} pair(s) of (near-)copies straddle splits: {shown}"
+                           + (" ..." if len(pairs) > 5 else "") + "; set split.group_near_duplicates: true")

@@ -1,0 +1,33 @@
+"""What every stage script shares: logging, quiet TensorFlow, validated params, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable
+
+# Before TensorFlow is imported anywhere: no C++ info chatter in stage logs.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from kneexray import params as params_module  # noqa: E402
+
+log = logging.getLogger("kneexray")
+
+# Errors a user can act on: printed as one line, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError)
+
+
+def run(main: Callable[[argparse.Namespace, dict], None], parser: argparse.ArgumentParser) -> None:
+    """Parse arguments, validate params.yaml, run `main`, and turn user errors into one line + exit 1."""
+    parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        params = params_module.load(args.params)
+        main(args, params)
+    except USER_ERRORS as err:
+        log.debug("details", exc_info=True)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,174 @@
+"""Training either model: seeded, deterministic, early-stopped, logged with DVCLive, saved atomically."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from dvclive import Live
+from dvclive.keras import DVCLiveCallback
+from sklearn.utils.class_weight import compute_class_weight
+
+from kneexray import CLASSES, __version__
+from kneexray.atomic import atomic_path
+from kneexray.inputs import build_augmenter, label_indices, load_images, make_dataset, read_split
+from kneexray.models import build_cnn, build_resnet, resnet_base, unfreeze_top
+
+log = logging.getLogger(__name__)
+
+MODEL_KINDS = ("cnn", "resnet")
+META_ENTRY = "kneexray.json"  # extra member in the .keras zip: what inference needs to know
+
+
+@dataclass
+class TrainResult:
+    model: keras.Model
+    metadata: dict
+    epochs_run: int
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed, same machine, same numbers: Python, NumPy and TF seeds plus deterministic ops."""
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+def choose_strategy(name: str) -> tf.distribute.Strategy:
+    """'auto': MirroredStrategy over all GPUs when there are several, else the default strategy."""
+    gpus = tf.config.list_logical_devices("GPU")
+    if name == "multi_worker" or (name == "auto" and os.environ.get("TF_CONFIG")):
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "mirrored" or (name == "auto" and len(gpus) > 1):
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def class_weights(labels: np.ndarray, mode: str) -> dict[int, float] | None:
+    if mode == "none":
+        return None
+    present = np.unique(labels)
+    weights = compute_class_weight("balanced", classes=present, y=labels)
+    return {int(c): float(w) for c, w in zip(present, weights)}
+
+
+def keras_verbosity() -> int:
+    """Progress bars on a terminal only; one line per epoch in logs and CI."""
+    return 1 if sys.stdout.isatty() else 2
+
+
+class _LiveCallback(DVCLiveCallback):
+    """DVCLive's Keras callback, but the Live run ends once, after every training phase."""
+
+    def on_train_end(self, logs=None):
+        pass
+
+
+def _fit(model, train_ds, val_ds, *, epochs, initial_epoch, weights, callbacks) -> int:
+    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=initial_epoch,
+                        class_weight=weights, callbacks=callbacks, verbose=keras_verbosity())
+    return initial_epoch + len(history.history.get("loss", []))
+
+
+def train(kind: str, params: dict, *, split_dir: str | Path, data_root: str | Path, live_dir: str | Path,
+          backup_dir: str | Path | None = None) -> TrainResult:
+    """Train `kind` ('cnn' or 'resnet') on split_dir/train.csv, early-stopping on val.csv."""
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"model kind: {kind!r} is not one of {', '.join(MODEL_KINDS)}")
+    cfg, train_cfg, size = params[kind], params["train"], params["image"]["size"]
+    seed_everything(train_cfg["seed"])
+    split_dir = Path(split_dir)
+    train_rows, val_rows = read_split(split_dir / "train.csv"), read_split(split_dir / "val.csv")
+    x_train = load_images(train_rows["path"], size, root=data_root, desc="train images")
+    x_val = load_images(val_rows["path"], size, root=data_root, desc="val images")
+    y_train, y_val = label_indices(train_rows["label"]), label_indices(val_rows["label"])
+
+    strategy = choose_strategy(train_cfg["strategy"])
+    batch = params["image"]["batch_size"] * strategy.num_replicas_in_sync  # per-replica batch stays fixed
+    augmenter = build_augmenter(params["augment"], train_cfg["seed"])
+    train_ds = make_dataset(x_train, y_train, batch_size=batch, shuffle_seed=train_cfg["seed"], augmenter=augmenter)
+    val_ds = make_dataset(x_val, y_val, batch_size=batch)
+    weights = class_weights(y_train, train_cfg["class_weights"])
+    log.info("%s: %d train / %d val images, class weights %s, %d replica(s)", kind, len(y_train), len(y_val),
+             weights, strategy.num_replicas_in_sync)
+
+    weights_source = "none (trained from scratch)"
+    with strategy.scope():
+        if kind == "cnn":
+            model = build_cnn(size, filters=cfg["filters"], dense_units=cfg["dense_units"], dropout=cfg["dropout"])
+        else:
+            base, weights_source = resnet_base(size, weights=cfg["weights"], weights_path=cfg["weights_path"],
+                                               required=cfg["weights_required"])
+            model = build_resnet(size, base=base, dense_units=cfg["dense_units"], dropout=cfg["dropout"])
+        model.compile(optimizer=keras.optimizers.Adam(cfg["learning_rate"]), loss="categorical_crossentropy",
+                      metrics=["accuracy"])
+
+    live = Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None)
+    callbacks = [
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=train_cfg["patience"], restore_best_weights=True),
+        _LiveCallback(live=live),
+    ]
+    if train_cfg["resume"] and backup_dir is not None:
+        callbacks.insert(0, keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=True))
+    try:
+        epochs_run = _fit(model, train_ds, val_ds, epochs=cfg["epochs"], initial_epoch=0, weights=weights,
+                          callbacks=callbacks)
+        if kind == "resnet" and cfg["fine_tune_layers"] > 0 and cfg["fine_tune_epochs"] > 0:
+            with strategy.scope():
+                unfrozen = unfreeze_top(model, cfg["fine_tune_layers"])
+                model.compile(optimizer=keras.optimizers.Adam(cfg["fine_tune_learning_rate"]),
+                              loss="categorical_crossentropy", metrics=["accuracy"])
+            log.info("fine-tuning the top %d layers of the base for %d epochs", unfrozen, cfg["fine_tune_epochs"])
+            callbacks[-2] = keras.callbacks.EarlyStopping(monitor="val_loss", patience=train_cfg["patience"],
+                                                          restore_best_weights=True)
+            epochs_run = _fit(model, train_ds, val_ds, epochs=epochs_run + cfg["fine_tune_epochs"],
+                              initial_epoch=epochs_run, weights=weights, callbacks=callbacks)
+    finally:
+        live.end()
+
+    metadata = {
+        "model": kind,
+        "classes": list(CLASSES),
+        "image_size": size,
+        "input": "greyscale uint8 pixels, resized to image_size x image_size, fed as float32 in [0, 255]",
+        "preprocessing": "in-model: Rescaling(1/255)" if kind == "cnn" else "in-model: ResNet50 caffe preprocess_input",
+        "weights_source": weights_source,
+        "epochs_run": epochs_run,
+        "train_images": int(len(y_train)),
+        "kneexray_version": __version__,
+    }
+    return TrainResult(model=model, metadata=metadata, epochs_run=epochs_run)
+
+
+def save_model(model: keras.Model, metadata: dict, path: str | Path) -> None:
+    """Write the .keras file with our metadata inside it, atomically."""
+    with atomic_path(path, suffix=".keras") as tmp:
+        model.save(tmp)
+        with zipfile.ZipFile(tmp, "a") as archive:
+            archive.writestr(META_ENTRY, json.dumps(metadata, indent=2, sort_keys=True))
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The metadata a kneexray model carries; a clear error for other .keras files."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return json.loads(archive.read(META_ENTRY))
+    except KeyError:
+        raise ValueError(f"{path}: a Keras model without kneexray metadata (classes, image size); "
+                         "train it with this pipeline") from None
+    except zipfile.BadZipFile:
+        raise ValueError(f"{path}: not a .keras model file") from None
+
+
+def load_model(path: str | Path) -> tuple[keras.Model, dict]:
+    metadata = read_metadata(path)
+    import kneexray.layers  # noqa: F401  registers the custom layers for deserialisation
+
+    return keras.saving.load_model(path), metadata

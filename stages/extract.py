@@ -1,0 +1,22 @@
+"""extract: unpack nested ZIPs safely, keep usable de-duplicated images, write the index and audit."""
+
+import argparse
+
+from kneexray import stage
+from kneexray.extraction import extract_dataset
+
+
+def main(args: argparse.Namespace, params: dict) -> None:
+    audit = extract_dataset(args.archive, args.out, args.audit, args.audit_details, params["extract"])
+    stage.log.info("kept %d images %s; %d unreadable, %d exact copies removed, %d label conflicts",
+                   audit["images_kept"], audit["images_per_class"], audit["unreadable"],
+                   audit["exact_copy_files_removed"], audit["label_conflicts"])
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--archive", required=True, help="raw dataset ZIP from the fetch stage")
+    parser.add_argument("--out", required=True, help="folder to write: images/, index.csv, fingerprints.npy")
+    parser.add_argument("--audit", required=True, help="data audit counts JSON to write (a DVC metric)")
+    parser.add_argument("--audit-details", required=True, help="data audit lists JSON to write (which files, why)")
+    stage.run(main, parser)

@@ -1,0 +1,16 @@
+"""fetch: obtain the raw dataset archive (phantom, URL or local path) as one ZIP."""
+
+import argparse
+
+from kneexray import sources, stage
+
+
+def main(args: argparse.Namespace, params: dict) -> None:
+    info = sources.fetch(params, args.out)
+    stage.log.info("fetched %s: %d bytes, sha256 %s", info["source"], info["bytes"], info["sha256"])
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", required=True, help="the raw dataset ZIP to write")
+    stage.run(main, parser)

@@ -1,0 +1,25 @@
+"""plot: PNG figures (training curves, confusion heatmaps, ROC, reliability) and a results summary."""
+
+import argparse
+
+from kneexray import stage
+from kneexray.plots import make_figures
+
+
+def main(args: argparse.Namespace, params: dict) -> None:
+    live_dirs = dict(item.split("=", 1) for item in args.live)
+    written = make_figures(metrics_path=args.metrics, eval_dir=args.eval, live_dirs=live_dirs, audit_path=args.audit,
+                           split_report=args.split_report, figures_dir=args.figures, summary_path=args.summary)
+    stage.log.info("wrote %d figures and %s", len(written), args.summary)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--eval", required=True, help="evaluate stage per-model folder")
+    parser.add_argument("--live", action="append", required=True, metavar="MODEL=DIR", help="DVCLive folder per model")
+    parser.add_argument("--audit", required=True)
+    parser.add_argument("--split-report", required=True)
+    parser.add_argument("--figures", required=True, help="folder for the PNGs")
+    parser.add_argument("--summary", required=True, help="Markdown results summary to write")
+    stage.run(main, parser)

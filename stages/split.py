@@ -1,0 +1,36 @@
+"""split: stratified train/val/test lists by near-duplicate group, then a leakage check."""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kneexray import stage
+from kneexray.atomic import atomic_path, write_json
+from kneexray.extraction import FINGERPRINTS_FILE, INDEX_FILE
+from kneexray.splitting import check_leakage, split_counts, split_index
+
+
+def main(args: argparse.Namespace, params: dict) -> None:
+    cfg = params["split"]
+    data = Path(args.data)
+    index = pd.read_csv(data / INDEX_FILE)
+    splits = split_index(index, test_ratio=cfg["test_ratio"], val_ratio=cfg["val_ratio"], seed=cfg["seed"],
+                         group_near_duplicates=cfg["group_near_duplicates"])
+    check_leakage(splits, index, np.load(data / FINGERPRINTS_FILE), params["extract"]["near_duplicate_distance"])
+    with atomic_path(args.out) as tmp:
+        tmp.mkdir()
+        for name, part in splits.items():
+            part[["path", "label", "group"]].to_csv(tmp / f"{name}.csv", index=False)
+    counts = split_counts(splits)
+    write_json(args.report, {"images_per_split": counts, "leakage_pairs": 0, "seed": cfg["seed"]})
+    stage.log.info("split: %s", counts)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", required=True, help="extract stage output folder")
+    parser.add_argument("--out", required=True, help="folder to write train.csv, val.csv, test.csv")
+    parser.add_argument("--report", required=True, help="split summary JSON to write")
+    stage.run(main, parser)

@@ -1,0 +1,25 @@
+"""train_cnn / train_resnet: train one model on the split, save it with its metadata."""
+
+import argparse
+
+from kneexray import stage
+
+
+def main(args: argparse.Namespace, params: dict) -> None:
+    from kneexray.training import save_model, train  # TensorFlow loads after params are validated
+
+    result = train(args.model, params, split_dir=args.split, data_root=args.data, live_dir=args.live,
+                   backup_dir=f".kneexray_backup/{args.model}")
+    save_model(result.model, result.metadata, args.out)
+    stage.log.info("%s: %d epochs, weights %s, saved %s", args.model, result.epochs_run,
+                   result.metadata["weights_source"], args.out)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model", choices=["cnn", "resnet"])
+    parser.add_argument("--split", required=True, help="split stage output folder")
+    parser.add_argument("--data", required=True, help="extract stage output folder (image paths are relative to it)")
+    parser.add_argument("--out", required=True, help="the .keras model file to write")
+    parser.add_argument("--live", required=True, help="DVCLive folder for per-epoch metrics")
+    stage.run(main, parser)
