@@ -84,7 +84,8 @@ def load_grey_array(source: str | Path | bytes, size: int, *, max_pixels: int = 
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     try:
         probe = Image.open(io.BytesIO(data))
-        if probe.format == "JPEG" and probe.mode in ("L", "RGB"):
+        # Over the cap: open_image below raises the clear error (the draft path must not skip it).
+        if probe.format == "JPEG" and probe.mode in ("L", "RGB") and probe.width * probe.height <= max_pixels:
             probe.draft(probe.mode, (size * 2, size * 2))
             img = ImageOps.exif_transpose(probe)
             img.load()

@@ -74,14 +74,14 @@ class _Nuisance:
 def _draw_nuisance(rng: np.random.Generator, size: int) -> _Nuisance:
     width, height = (round(size * s) for s in rng.uniform(0.8, 1.25, size=2))
     insets = rng.uniform(0.02, 0.12, size=4)
-    collimated = rng.random() < 0.7
+    collimated = rng.random() < 0.5
     return _Nuisance(
         width=width,
         height=height,
         rgb=bool(rng.random() < 0.5),
         bone_size=float(rng.uniform(0.9, 1.1)),
         tissue=float(rng.uniform(0.45, 0.65)),
-        tissue_taper=float(rng.uniform(0.0, 0.25)),
+        tissue_taper=float(rng.uniform(0.0, 0.15)),
         tissue_offset=float(rng.uniform(-0.08, 0.08)),
         joint_gap=float(rng.uniform(-0.015, 0.02)),
         femur_tilt=math.radians(rng.uniform(-4, 4)),
@@ -96,8 +96,8 @@ def _draw_nuisance(rng: np.random.Generator, size: int) -> _Nuisance:
         heel_direction=float(rng.uniform(-math.pi, math.pi)),
         fog=float(rng.uniform(0.02, 0.08)),
         shutter=float(rng.uniform(0.55, 0.95)),
-        window=float(rng.uniform(2.1, 2.5)),
-        gamma=float(rng.uniform(0.9, 1.1)),
+        window=float(rng.uniform(2.15, 2.45)),
+        gamma=float(rng.uniform(0.92, 1.08)),
         read_noise=float(rng.uniform(0.005, 0.025)),
     )
 
@@ -105,7 +105,7 @@ def _draw_nuisance(rng: np.random.Generator, size: int) -> _Nuisance:
 def _draw_bmd(rng: np.random.Generator, label: str, difficulty: float) -> float:
     # Linear in difficulty: classes several standard deviations apart at 0, the same distribution at 1.
     centre = 0.5 + (_BMD_CENTRE[label] - 0.5) * (1.0 - difficulty)
-    spread = 0.04 + 0.12 * difficulty
+    spread = 0.03 + 0.08 * difficulty
     return float(np.clip(rng.normal(centre, spread), 0.0, 1.0))
 
 
@@ -216,25 +216,24 @@ def render_knee(rng: np.random.Generator, label: str, *, size: int = 256, diffic
     attenuation = 0.55 * np.sqrt(np.clip(1 - ((u - nu.tissue_offset) / radius) ** 2, 0, 1))
 
     trabeculae = _trabeculae(rng, nu, scale, bmd)
-    matrix = 0.2 + 0.8 * bmd
+    matrix = 0.3 + 0.7 * bmd  # even osteoporotic bone stays clearly visible
     cortex_width = 0.01 + 0.03 * bmd
     # The cortex is thick along the shafts and thin at the joint surfaces.
     cortex_width = cortex_width * (0.35 + 0.65 * np.clip(np.abs(v) / 0.55, 0, 1))
     # Spongy bone fills the bone ends; the shafts are hollow tubes around the medullary canal.
     spongy = 0.35 + (0.25 + 0.4 * trabeculae) * _sigmoid((0.5 - np.abs(v)) / 0.08)
-    size_ = nu.bone_size
-    uf, vf = _rotate(u / size_, v / size_, nu.femur_tilt)
-    ut, vt = _rotate(u / size_, (v - nu.joint_gap) / size_, nu.tibia_tilt)
-    bones = ((_femur(uf, vf), 1.0), (_tibia(ut, vt), 1.0), (_fibula(ut, vt), 0.8))
-    for sdf, weight in bones:
-        sdf = sdf * size_
+    bone_size = nu.bone_size
+    uf, vf = _rotate(u / bone_size, v / bone_size, nu.femur_tilt)
+    ut, vt = _rotate(u / bone_size, (v - nu.joint_gap) / bone_size, nu.tibia_tilt)
+    for sdf, weight in ((_femur(uf, vf), 1.0), (_tibia(ut, vt), 1.0), (_fibula(ut, vt), 0.8)):
+        sdf = sdf * bone_size  # back to anatomical units
         depth = np.maximum(-sdf, 0)
         inside = _sigmoid(-sdf / edge)
         thickness = 1 - np.exp(-depth / 0.06)  # projected path length through a rounded bone
         cortex = inside * np.exp(-depth / cortex_width)
-        attenuation += weight * matrix * (inside * thickness * spongy + 0.9 * cortex)
+        attenuation += weight * (matrix * inside * thickness * spongy + (0.5 + 0.5 * bmd) * cortex)
     # The patella lies in front of the femur: a faint extra shadow.
-    patella = _ellipse(uf - 0.01, vf + 0.2, 0.15, 0.18) * size_
+    patella = _ellipse(uf - 0.01, vf + 0.2, 0.15, 0.18) * bone_size
     attenuation += 0.25 * matrix * _sigmoid(-patella / edge) * (1 - np.exp(-np.maximum(-patella, 0) / 0.05))
 
     # Image formation: quantum noise on the transmitted photons, log transform, window and gamma.
@@ -247,8 +246,8 @@ def render_knee(rng: np.random.Generator, label: str, *, size: int = 256, diffic
         left, right, top, bottom = nu.collimation
         cols = np.arange(nu.width, dtype=np.float32)[None, :] + 0.5
         rows = np.arange(nu.height, dtype=np.float32)[:, None] + 0.5
-        field = (_sigmoid(cols - left * nu.width) * _sigmoid((1 - right) * nu.width - cols)
-                 * _sigmoid(rows - top * nu.height) * _sigmoid((1 - bottom) * nu.height - rows))
+        field = (_sigmoid(3 * (cols - left * nu.width)) * _sigmoid(3 * ((1 - right) * nu.width - cols))
+                 * _sigmoid(3 * (rows - top * nu.height)) * _sigmoid(3 * ((1 - bottom) * nu.height - rows)))
         grey = field * grey + (1 - field) * nu.shutter
     grey += rng.normal(0, nu.read_noise, size=grey.shape)
     pixels = np.round(np.clip(grey, 0, 1) * 255).astype(np.uint8)
@@ -259,7 +258,8 @@ def render_knee(rng: np.random.Generator, label: str, *, size: int = 256, diffic
 def phantom_labels(n_images: int, class_fractions: dict[str, float], seed: int) -> list[str]:
     """Exactly apportioned labels (largest remainder), in an order shuffled by `seed`."""
     if set(class_fractions) != set(CLASSES):
-        raise ValueError(f"class_fractions must have exactly the keys {', '.join(CLASSES)}, got {sorted(class_fractions)}")
+        raise ValueError(f"class_fractions must have exactly the keys {', '.join(CLASSES)}, "
+                         f"got {sorted(class_fractions)}")
     fractions = [float(class_fractions[c]) for c in CLASSES]
     if any(not f > 0 for f in fractions):  # also rejects NaN
         raise ValueError(f"class_fractions must all be > 0, got {class_fractions}")

@@ -1,0 +1,72 @@
+"""Shared fixtures: a tiny, fast configuration and a scratch copy of the project."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ("dvc.yaml", ".dvcignore", ".gitignore", "kneexray", "stages")
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def tiny_params() -> dict:
+    """The committed params.yaml shrunk so a whole pipeline runs in seconds."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = copy.deepcopy(params)
+    params["phantom"].update(n_images=48, size=64, difficulty=0.0,
+                             class_fractions={"normal": 0.34, "osteopenia": 0.33, "osteoporosis": 0.33})
+    params["extract"].update(min_side=32)
+    params["split"].update(test_ratio=0.25, val_ratio=0.25)
+    params["image"].update(size=32, batch_size=8)
+    params["cnn"].update(filters=[8, 16], dense_units=8, epochs=2)
+    params["resnet"].update(dense_units=8, epochs=1)
+    params["train"].update(patience=2)
+    params["evaluate"].update(bootstrap_resamples=50)
+    return params
+
+
+@pytest.fixture
+def tiny():
+    return tiny_params()
+
+
+def run(cmd: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command, failing the test with its output if it fails."""
+    # The venv's bin first: `dvc` and the `python` in dvc.yaml's commands are the project's.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "TF_CPP_MIN_LOG_LEVEL": "2", "DVC_NO_ANALYTICS": "1"}
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    """A fresh git + DVC repo holding the pipeline code and the tiny params, committed."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in PROJECT_FILES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, repo / name)
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    run(["git", "init", "-q", "-b", "main"], repo)
+    run(["git", "config", "user.email", "test@example.com"], repo)
+    run(["git", "config", "user.name", "test"], repo)
+    run(["dvc", "init", "-q"], repo)
+    run(["dvc", "config", "core.analytics", "false"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "tiny pipeline"], repo)
+    return repo

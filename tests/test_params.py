@@ -1,0 +1,208 @@
+"""params.yaml validation: the committed file passes, and every kind of mistake names its key."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kneexray import params as kparams
+from kneexray.params import ParamsError, load, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def mutated(**changes) -> dict:
+    """A deep copy of the committed params with `section__key=value` changes applied."""
+    params = copy.deepcopy(COMMITTED)
+    for dotted, value in changes.items():
+        section, key = dotted.split("__", 1)
+        params[section][key] = value
+    return params
+
+
+def test_committed_params_validate() -> None:
+    checked = load(ROOT / "params.yaml")
+    assert set(checked) == set(kparams.SCHEMA)
+    for section, fields in kparams.SCHEMA.items():
+        assert set(checked[section]) == set(fields), section
+    # spot-check that values come through unchanged
+    assert checked["split"]["test_ratio"] == 0.2
+    assert checked["image"]["size"] == 224
+    assert checked["cnn"]["filters"] == [32, 64, 128, 256]
+    assert checked["augment"]["brightness"] == [0.8, 1.2]
+
+
+def test_validate_does_not_mutate_its_input() -> None:
+    params = copy.deepcopy(COMMITTED)
+    validate(params)
+    assert params == COMMITTED
+
+
+def test_unknown_section_is_named() -> None:
+    params = copy.deepcopy(COMMITTED)
+    params["trainning"] = {"seed": 1}
+    with pytest.raises(ParamsError, match=r"^trainning: unknown section") as err:
+        validate(params)
+    assert "cnn" in str(err.value)  # lists what is allowed
+
+
+def test_missing_section_is_named() -> None:
+    params = copy.deepcopy(COMMITTED)
+    del params["evaluate"]
+    with pytest.raises(ParamsError, match=r"^evaluate: missing"):
+        validate(params)
+
+
+def test_typo_in_a_key_is_named_with_the_allowed_keys() -> None:
+    params = copy.deepcopy(COMMITTED)
+    params["cnn"]["learnig_rate"] = params["cnn"].pop("learning_rate")
+    with pytest.raises(ParamsError, match=r"^cnn\.learnig_rate: unknown key") as err:
+        validate(params)
+    assert "learning_rate" in str(err.value)
+
+
+def test_missing_key_is_named() -> None:
+    params = copy.deepcopy(COMMITTED)
+    del params["split"]["seed"]
+    with pytest.raises(ParamsError, match=r"^split\.seed: missing"):
+        validate(params)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("cnn__epochs", "30"),  # a string where an integer belongs
+    ("cnn__epochs", True),  # bool is an int subclass in Python: must still be refused
+    ("cnn__epochs", 3.0),  # a float is not an integer
+    ("image__batch_size", None),
+    ("cnn__learning_rate", "1e-3"),  # YAML reads 1e-3 without a dot as a string
+])
+def test_wrong_type_is_named(key: str, value) -> None:
+    section, name = key.split("__")
+    with pytest.raises(ParamsError, match=rf"^{section}\.{name}: expected"):
+        validate(mutated(**{key: value}))
+
+
+def test_bool_key_refuses_an_integer() -> None:
+    with pytest.raises(ParamsError, match=r"^augment\.horizontal_flip: expected true or false"):
+        validate(mutated(augment__horizontal_flip=1))
+
+
+@pytest.mark.parametrize("key", ["test_ratio", "val_ratio"])
+@pytest.mark.parametrize("value", [0, 0.0, 1, 1.0, -0.1, 1.5, float("nan")])
+def test_split_ratio_outside_open_unit_interval(key: str, value) -> None:
+    with pytest.raises(ParamsError, match=rf"^split\.{key}:"):
+        validate(mutated(**{f"split__{key}": value}))
+
+
+def test_split_ratios_inside_unit_interval_pass() -> None:
+    checked = validate(mutated(split__test_ratio=0.5, split__val_ratio=0.5))
+    assert checked["split"]["test_ratio"] == 0.5
+
+
+def test_split_ratios_that_leave_no_training_images() -> None:
+    # val_ratio is a fraction of what remains after the test split, so the training share is
+    # (1 - test) * (1 - val); only a test ratio a hair below 1 rounds it to nothing.
+    almost_one = 1 - 2**-53  # the largest float below 1: inside (0, 1) on its own
+    with pytest.raises(ParamsError, match=r"split\.test_ratio, split\.val_ratio: .*no training"):
+        validate(mutated(split__test_ratio=almost_one, split__val_ratio=0.99))
+
+
+@pytest.mark.parametrize("size", [31, 16, 0, -224])
+def test_image_size_below_32(size: int) -> None:
+    with pytest.raises(ParamsError, match=r"^image\.size: .*outside the allowed range \[32, 1024\]"):
+        validate(mutated(image__size=size))
+
+
+def test_image_size_32_is_the_smallest_allowed() -> None:
+    assert validate(mutated(image__size=32))["image"]["size"] == 32
+
+
+def test_unknown_dataset_source_lists_allowed_values() -> None:
+    with pytest.raises(ParamsError, match=r"^dataset\.source: 'zip' is not one of") as err:
+        validate(mutated(dataset__source="zip"))
+    for allowed in ("'phantom'", "'url'", "'path'"):
+        assert allowed in str(err.value)
+
+
+@pytest.mark.parametrize("fractions, pattern", [
+    ({"normal": 0.2, "osteopenia": 0.6, "osteoporosis": 0.3}, r"sum to 1, they sum to 1\.1"),
+    ({"normal": 0.1, "osteopenia": 0.5, "osteoporosis": 0.2}, r"sum to 1, they sum to 0\.8"),
+    ({"normal": 0.5, "osteopenia": 0.5}, r"exactly the keys"),
+    ({"normal": 0.0, "osteopenia": 0.5, "osteoporosis": 0.5}, r"phantom\.class_fractions\.normal"),
+])
+def test_class_fractions(fractions: dict, pattern: str) -> None:
+    with pytest.raises(ParamsError, match=r"^phantom\.class_fractions") as err:
+        validate(mutated(phantom__class_fractions=fractions))
+    assert re.search(pattern, str(err.value)), str(err.value)
+
+
+def test_class_fractions_summing_to_one_within_rounding_pass() -> None:
+    fractions = {"normal": 0.1, "osteopenia": 0.2, "osteoporosis": 0.7}  # 0.1 + 0.2 != 0.3 in floats
+    assert validate(mutated(phantom__class_fractions=fractions))["phantom"]["class_fractions"] == fractions
+
+
+def test_source_path_requires_a_path() -> None:
+    with pytest.raises(ParamsError, match=r"^dataset\.path: required when dataset\.source is 'path'"):
+        validate(mutated(dataset__source="path", dataset__path=""))
+    checked = validate(mutated(dataset__source="path", dataset__path="/data/knee.zip"))
+    assert checked["dataset"]["path"] == "/data/knee.zip"
+
+
+def test_source_url_requires_a_url_scheme() -> None:
+    with pytest.raises(ParamsError, match=r"^dataset\.url: must start with"):
+        validate(mutated(dataset__source="url", dataset__url="example.com/knee.zip"))
+
+
+@pytest.mark.parametrize("sha", ["abc123", "g" * 64, "0" * 63, "0" * 65])
+def test_bad_sha256(sha: str) -> None:
+    with pytest.raises(ParamsError, match=r"^dataset\.sha256: expected 64 hexadecimal digits"):
+        validate(mutated(dataset__sha256=sha))
+
+
+@pytest.mark.parametrize("sha", ["", "0123456789abcdef" * 4, "0123456789ABCDEF" * 4])
+def test_good_sha256(sha: str) -> None:
+    assert validate(mutated(dataset__sha256=sha))["dataset"]["sha256"] == sha
+
+
+def test_resnet_file_weights_require_a_path() -> None:
+    with pytest.raises(ParamsError, match=r"^resnet\.weights_path: required"):
+        validate(mutated(resnet__weights="file", resnet__weights_path=""))
+
+
+def test_list_items_are_named_by_position() -> None:
+    with pytest.raises(ParamsError, match=r"^cnn\.filters\[1\]:"):
+        validate(mutated(cnn__filters=[32, "64"]))
+    with pytest.raises(ParamsError, match=r"^augment\.brightness: low 1\.2 is greater than high 0\.8"):
+        validate(mutated(augment__brightness=[1.2, 0.8]))
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("split:\n  test_ratio: [0.2\n  seed: 42\n")
+    with pytest.raises(ParamsError, match=r"not valid YAML") as err:
+        load(path)
+    assert str(path) in str(err.value)
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ParamsError, match=r"expected a mapping of sections, got list"):
+        load(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ParamsError, match=r"file not found") as err:
+        load(path)
+    assert "nope.yaml" in str(err.value)
+
+
+def test_round_trip_through_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(mutated(cnn__epochs=3), sort_keys=False))
+    assert load(path)["cnn"]["epochs"] == 3

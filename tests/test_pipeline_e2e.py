@@ -1,0 +1,53 @@
+"""The whole pipeline through DVC on a tiny phantom: repro, exp run, metrics diff, plots show."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from conftest import run
+
+pytestmark = pytest.mark.slow
+
+
+def test_dvc_pipeline_end_to_end(project):
+    run(["dvc", "repro"], project)
+
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert metrics["data"]["source"] == "phantom"
+    for model in ("cnn", "resnet"):
+        entry = metrics[model]
+        assert 0 <= entry["accuracy"] <= 1
+        assert entry["ci95"]["accuracy"]["low"] <= entry["accuracy"] <= entry["ci95"]["accuracy"]["high"]
+    assert metrics["resnet"]["weights_source"] == "random"  # no network here: said, not hidden
+    for output in ("models/cnn.keras", "models/resnet.keras", "reports/figures/cnn_confusion.png",
+                   "reports/README.md", "reports/eval/cnn/predictions.csv", "reports/train/cnn/metrics.json"):
+        assert (project / output).is_file(), output
+    # DVC owns every output; nothing stray is left in data/ (the extract scratch folder is gone)
+    assert sorted(p.name for p in (project / "data").iterdir()) == [".gitignore", "extracted", "raw", "split"]
+    status = run(["dvc", "status", "--json"], project)
+    assert json.loads(status.stdout) == {}
+
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "baseline"], project)
+
+    # an experiment with another learning rate reruns training only, then is compared with the baseline
+    exp = run(["dvc", "exp", "run", "-S", "cnn.learning_rate=0.01"], project)
+    assert "Running stage 'fetch'" not in exp.stdout and "Running stage 'train_cnn'" in exp.stdout
+    assert yaml.safe_load((project / "params.yaml").read_text())["cnn"]["learning_rate"] == 0.01
+    diff = json.loads(run(["dvc", "metrics", "diff", "--json", "--all"], project).stdout)
+    assert "reports/metrics.json" in diff and "cnn.accuracy" in diff["reports/metrics.json"]
+    params_diff = json.loads(run(["dvc", "params", "diff", "--json"], project).stdout)
+    assert params_diff["params.yaml"]["cnn.learning_rate"] == {"old": 0.001, "new": 0.01}
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+    assert len(shown) >= 1
+
+    run(["dvc", "plots", "show", "-o", "dvc_plots"], project)
+    html = (project / "dvc_plots/index.html").read_text()
+    for plot_id in ("Confusion matrix (test)", "Training accuracy", "Training loss", "ROC curves (test, one vs rest)",
+                    "Reliability diagram (test)"):
+        assert plot_id in html, plot_id
+    assert "osteoporosis" in html  # class names, not numbers, in the confusion data
+    assert "cnn_confusion.png" in html

@@ -1,0 +1,104 @@
+"""Training both models for real on a tiny phantom: metadata, weights sources, determinism."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from kneexray import CLASSES
+from kneexray.models import RESNET_BASE_NAME, WeightsUnavailable, build_cnn, forward_flops, resnet_base
+from kneexray.phantom import render_knee
+from kneexray.training import load_model, read_metadata, save_model, train
+
+
+@pytest.fixture(scope="module")
+def tiny_split(tmp_path_factory) -> Path:
+    """Phantom JPEGs and train/val CSVs, the layout the split stage writes."""
+    root = tmp_path_factory.mktemp("data")
+    rows = []
+    for i in range(36):
+        label = CLASSES[i % 3]
+        path = Path("images") / label / f"{i}.jpg"
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        render_knee(np.random.default_rng([0, i]), label, size=64, difficulty=0.0).save(root / path)
+        rows.append({"path": path.as_posix(), "label": label, "group": i})
+    frame = pd.DataFrame(rows)
+    frame.iloc[:27].to_csv(root / "train.csv", index=False)
+    frame.iloc[27:].to_csv(root / "val.csv", index=False)
+    return root
+
+
+def _train(kind, params, root, tmp_path):
+    return train(kind, params, split_dir=root, data_root=root, live_dir=tmp_path / f"live_{kind}")
+
+
+def test_cnn_trains_saves_metadata_and_reloads(tiny, tiny_split, tmp_path):
+    result = _train("cnn", tiny, tiny_split, tmp_path)
+    assert 1 <= result.epochs_run <= tiny["cnn"]["epochs"]
+    path = tmp_path / "cnn.keras"
+    save_model(result.model, result.metadata, path)
+    model, meta = load_model(path)
+    assert meta["classes"] == list(CLASSES) and meta["image_size"] == 32
+    assert meta["weights_source"].startswith("none")
+    x = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 1)).astype("float32")
+    np.testing.assert_allclose(model.predict(x, verbose=0), result.model.predict(x, verbose=0), atol=1e-6)
+    assert (tmp_path / "live_cnn" / "plots" / "metrics" / "eval" / "loss.tsv").is_file()
+    assert not list(tmp_path.glob(".cnn.keras*"))  # no temporary file left beside the model
+
+
+def test_training_is_deterministic(tiny, tiny_split, tmp_path):
+    first = _train("cnn", tiny, tiny_split, tmp_path / "a").model.get_weights()
+    second = _train("cnn", tiny, tiny_split, tmp_path / "b").model.get_weights()
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resnet_loads_a_local_weights_file(tiny, tiny_split, tmp_path):
+    reference, _ = resnet_base(32, weights="file", weights_path=_make_weights(tmp_path))
+    params = {**tiny, "resnet": {**tiny["resnet"], "weights": "file", "weights_path": str(tmp_path / "base.weights.h5")}}
+    result = _train("resnet", params, tiny_split, tmp_path)
+    assert result.metadata["weights_source"] == "file:base.weights.h5"
+    base = result.model.get_layer(RESNET_BASE_NAME)
+    assert not base.trainable  # frozen: training the head left the loaded weights untouched
+    for a, b in zip(base.get_weights(), reference.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def _make_weights(tmp_path) -> str:
+    base = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg")
+    path = tmp_path / "base.weights.h5"
+    base.save_weights(path)
+    return str(path)
+
+
+def test_missing_imagenet_weights_fall_back_loudly_or_fail_when_required(caplog):
+    cached = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+    if list(cached.glob("resnet50*notop*.h5")):
+        pytest.skip("ImageNet weights are cached on this machine")
+    _, source = resnet_base(32, weights="imagenet")
+    assert source == "random"
+    assert "RANDOM weights" in caplog.text
+    with pytest.raises(WeightsUnavailable, match="weights_required"):
+        resnet_base(32, weights="imagenet", required=True)
+
+
+def test_model_without_metadata_is_refused_clearly(tmp_path):
+    path = tmp_path / "plain.keras"
+    build_cnn(32, filters=[4], dense_units=4, dropout=0.1).save(path)
+    with pytest.raises(ValueError, match="without kneexray metadata"):
+        read_metadata(path)
+    (tmp_path / "junk.keras").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a .keras model"):
+        read_metadata(tmp_path / "junk.keras")
+
+
+def test_cnn_is_cheap_compared_with_the_original_head():
+    model = build_cnn(224, filters=[16, 32, 64, 128, 256], dense_units=128, dropout=0.3)
+    assert model.count_params() < 1_000_000  # the original's Flatten->Dense(256) head alone had 25.7 M
+    # conv1 at stride 2: 112*112*16 outputs x 9 taps x 1 channel x 2
+    assert forward_flops(build_cnn(224, filters=[16], dense_units=1, dropout=0)) == 2 * 112 * 112 * 16 * 9 + 2 * 16 + 2 * 3
