@@ -91,13 +91,18 @@ def curate(class_dirs: dict[str, Path], out_dir: str | Path, *, max_pixels: int,
         frame, prints_arr = frame[~conflict_rows].reset_index(drop=True), prints_arr[~conflict_rows]
 
     # Copy the kept originals; names are made unique per class since nested folders are flattened.
-    paths = []
+    paths, used = [], set()
     for file, label, source in zip(frame["file"], frame["label"], frame["source"]):
-        name = source.split("/", 1)[1].replace("/", "__")
+        name = flat = source.split("/", 1)[1].replace("/", "__")
+        taken = 1
+        while f"{label}/{name}" in used:  # "a/b.jpg" and a file named "a__b.jpg" would collide
+            taken += 1
+            name = f"{Path(flat).stem}~{taken}{Path(flat).suffix}"
         target = out_dir / label / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(file, target)
         paths.append(f"{label}/{name}")
+        used.add(paths[-1])
     frame["path"] = paths
     index = frame[INDEX_COLUMNS].copy()
 

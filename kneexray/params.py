@@ -92,7 +92,9 @@ def _class_fractions(key: str, value: Any) -> Any:
 _STR = _of_type(str, "a string")
 _BOOL = _of_type(bool, "true or false")
 _POS_INT = _num(1, integer=True)
-_RATE = _num(0, 1, lo_open=True, hi_open=True)
+# Splits hold out whole folds of a StratifiedGroupKFold (1 / round(1 / ratio) of the images), so a
+# ratio above one half has no meaning there; it also always leaves training images.
+_SPLIT_RATIO = _num(0, 0.5, lo_open=True)
 _LEARNING_RATE = _num(0, 1, lo_open=True)
 _FRACTION = _num(0, 1)
 
@@ -123,8 +125,8 @@ SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "keep_conflicts": _BOOL,
     },
     "split": {
-        "test_ratio": _RATE,
-        "val_ratio": _RATE,
+        "test_ratio": _SPLIT_RATIO,
+        "val_ratio": _SPLIT_RATIO,
         "seed": _num(0, integer=True),
         "group_near_duplicates": _BOOL,
     },
@@ -193,9 +195,6 @@ def validate(params: Any) -> dict[str, dict[str, Any]]:
                 raise ParamsError(f"{section}.{key}: missing")
             checked.setdefault(section, {})[key] = check(f"{section}.{key}", values[key])
 
-    split = checked["split"]
-    if split["test_ratio"] + split["val_ratio"] * (1 - split["test_ratio"]) >= 1:
-        raise ParamsError("split.test_ratio, split.val_ratio: together they leave no training images")
     dataset = checked["dataset"]
     if dataset["source"] == "url" and not dataset["url"].startswith(("http://", "https://", "file://")):
         raise ParamsError(f"dataset.url: must start with http://, https:// or file://, got {dataset['url']!r}")

@@ -68,9 +68,13 @@ def check_labels(index: pd.DataFrame, table: pd.DataFrame) -> dict:
             continue
         row = by_id.loc[stem]
         expected = who_category(row["t_score"])
-        if expected is not None and expected != label or (row["diagnosis"] not in (None, "nan") and row["diagnosis"] != label):
-            disagreements.append({"source": source, "label": label, "t_score": float(row["t_score"]),
-                                  "who_category": expected, "table_diagnosis": row["diagnosis"]})
+        # A blank cell reads as NaN (pandas keeps missing values through astype(str)): no diagnosis.
+        diagnosis = row["diagnosis"]
+        diagnosis = diagnosis if isinstance(diagnosis, str) and diagnosis not in ("", "nan") else None
+        if expected is not None and expected != label or (diagnosis is not None and diagnosis != label):
+            t_score = None if pd.isna(row["t_score"]) else float(row["t_score"])  # no NaN in the JSON audit
+            disagreements.append({"source": source, "label": label, "t_score": t_score,
+                                  "who_category": expected, "table_diagnosis": diagnosis})
     return {"rows": int(len(table)), "images_matched": int(len(index) - unmatched),
             "images_unmatched": unmatched, "label_disagreements": len(disagreements), "disagreements": disagreements}
 

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from typing import Callable
 
 # Before TensorFlow is imported anywhere: no C++ info chatter in stage logs.
@@ -24,9 +25,11 @@ def run(main: Callable[[argparse.Namespace, dict], None], parser: argparse.Argum
     parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    started = time.perf_counter()
     try:
         params = params_module.load(args.params)
         main(args, params)
+        log.info("done in %.1f s", time.perf_counter() - started)
     except USER_ERRORS as err:
         log.debug("details", exc_info=True)
         print(f"error: {err}", file=sys.stderr)

@@ -72,8 +72,8 @@ class _LiveCallback(DVCLiveCallback):
 
 
 def _fit(model, train_ds, val_ds, *, epochs, initial_epoch, weights, callbacks) -> int:
-    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=initial_epoch,
-                        class_weight=weights, callbacks=callbacks, verbose=keras_verbosity())
+    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=initial_epoch, shuffle=False,
+                        class_weight=weights, callbacks=callbacks, verbose=keras_verbosity())  # tf.data shuffles
     return initial_epoch + len(history.history.get("loss", []))
 
 

@@ -260,3 +260,19 @@ def test_curate_with_nothing_usable(tmp_path: Path) -> None:
     assert list(result.index.columns) == INDEX_COLUMNS
     assert result.audit["unreadable_files"] == [{"source": "normal/x.jpg", "reason": "empty file"}]
     assert result.audit["images_kept"] == 0
+
+
+def test_flattened_names_do_not_overwrite_each_other(tmp_path: Path) -> None:
+    # nested folders are flattened with "__": "a/N1.jpg" and a file literally named "a__N1.jpg"
+    dirs = {c: tmp_path / "raw" / c for c in CLASSES}
+    save_jpeg(knee(30, "normal"), dirs["normal"] / "a" / "N1.jpg")
+    save_jpeg(knee(31, "normal"), dirs["normal"] / "a__N1.jpg")
+    save_jpeg(knee(32, "osteopenia"), dirs["osteopenia"] / "OP1.jpg")
+    save_jpeg(knee(33, "osteoporosis"), dirs["osteoporosis"] / "OS1.jpg")
+    out = tmp_path / "out"
+    result = run_curate(dirs, out)
+    index = result.index
+    assert len(index) == 4 and index["path"].is_unique
+    for path, source in zip(index["path"], index["source"]):
+        label, rest = source.split("/", 1)
+        assert (out / path).read_bytes() == (dirs[label] / rest).read_bytes(), source

@@ -30,6 +30,12 @@ def test_dvc_pipeline_end_to_end(project):
     status = run(["dvc", "status", "--json"], project)
     assert json.loads(status.stdout) == {}
 
+    # PNGs are byte-stable: redrawing the same results changes nothing DVC would see
+    figures = {p.name: p.read_bytes() for p in (project / "reports/figures").glob("*.png")}
+    assert len(figures) == 8
+    run(["dvc", "repro", "-f", "-s", "plot"], project)
+    assert figures == {p.name: p.read_bytes() for p in (project / "reports/figures").glob("*.png")}
+
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "baseline"], project)
 
@@ -40,7 +46,8 @@ def test_dvc_pipeline_end_to_end(project):
     diff = json.loads(run(["dvc", "metrics", "diff", "--json", "--all"], project).stdout)
     assert "reports/metrics.json" in diff and "cnn.accuracy" in diff["reports/metrics.json"]
     params_diff = json.loads(run(["dvc", "params", "diff", "--json"], project).stdout)
-    assert params_diff["params.yaml"]["cnn.learning_rate"] == {"old": 0.001, "new": 0.01}
+    change = params_diff["params.yaml"]["cnn.learning_rate"]
+    assert (change["old"], change["new"]) == (0.001, 0.01)
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     assert len(shown) >= 1
 
@@ -51,3 +58,8 @@ def test_dvc_pipeline_end_to_end(project):
         assert plot_id in html, plot_id
     assert "osteoporosis" in html  # class names, not numbers, in the confusion data
     assert "cnn_confusion.png" in html
+
+    # the experiment against the committed baseline, side by side
+    run(["dvc", "plots", "diff", "HEAD", "-o", "dvc_plots_diff"], project)
+    diff_html = (project / "dvc_plots_diff/index.html").read_text()
+    assert "workspace" in diff_html and "HEAD" in diff_html
