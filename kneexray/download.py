@@ -106,7 +106,7 @@ def download(
             _fetch_http(url, part, max_bytes=max_bytes, timeout=timeout, retries=retries,
                         backoff=backoff, progress=progress, shown=shown)
         if expected is not None:
-            actual = _sha256_of(part)
+            actual = sha256_file(part)
             if actual != expected:
                 raise DownloadError(
                     f"checksum mismatch for {shown}: expected sha256 {expected}, got {actual}"
@@ -330,7 +330,7 @@ def _normalise_sha256(sha256: str | None) -> str | None:
     return value
 
 
-def _sha256_of(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -147,6 +147,9 @@ SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "patience": _num(0, integer=True),
         "strategy": _choice("auto", "default", "mirrored", "multi_worker"),
         "resume": _BOOL,
+        "mixed_precision": _choice("off", "auto", "float16", "bfloat16"),
+        "jit_compile": _BOOL,
+        "threads": _num(0, 256, integer=True),
     },
     "cnn": {
         "filters": _int_list(4, 1024),

@@ -5,25 +5,16 @@ Whatever the source, the result is one ZIP file (nested or not) for the extract 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import zipfile
 from pathlib import Path
 
 from kneexray.atomic import atomic_path
-from kneexray.download import DownloadError, download
+from kneexray.download import DownloadError, download, sha256_file
 from kneexray.phantom import write_phantom_archive
 
 log = logging.getLogger(__name__)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _pack_folder(folder: Path, out_zip: Path) -> None:

@@ -41,13 +41,34 @@ def seed_everything(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
+def configure_devices(train_cfg: dict) -> None:
+    """Threads, GPU memory growth and mixed precision, before any model is built."""
+    if train_cfg["threads"]:
+        # several queued experiments share the cores instead of each grabbing them all
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(train_cfg["threads"])
+            tf.config.threading.set_inter_op_parallelism_threads(train_cfg["threads"])
+        except RuntimeError:  # TensorFlow already started in this process (tests); stages start fresh
+            log.warning("train.threads ignored: TensorFlow was already initialised in this process")
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:  # experiments sharing a GPU must not each reserve all of its memory
+        tf.config.experimental.set_memory_growth(gpu, True)
+    policy = train_cfg["mixed_precision"]
+    if policy == "auto":
+        policy = "float16" if gpus else "off"
+    keras.mixed_precision.set_global_policy("float32" if policy == "off" else f"mixed_{policy}")
+
+
 def choose_strategy(name: str) -> tf.distribute.Strategy:
-    """'auto': MirroredStrategy over all GPUs when there are several, else the default strategy."""
+    """'auto': MultiWorkerMirroredStrategy when TF_CONFIG is set, MirroredStrategy over all GPUs when
+    there are several, else the default strategy. 'mirrored' on a machine without GPUs mirrors over
+    the logical CPU devices (how the tests exercise it)."""
     gpus = tf.config.list_logical_devices("GPU")
     if name == "multi_worker" or (name == "auto" and os.environ.get("TF_CONFIG")):
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "mirrored" or (name == "auto" and len(gpus) > 1):
-        return tf.distribute.MirroredStrategy()
+        devices = gpus or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([d.name for d in devices])
     return tf.distribute.get_strategy()
 
 
@@ -65,7 +86,12 @@ def keras_verbosity() -> int:
 
 
 class _LiveCallback(DVCLiveCallback):
-    """DVCLive's Keras callback, but the Live run ends once, after every training phase."""
+    """DVCLive's Keras callback, with the epoch as the step (right after a resume too), and the
+    Live run ended once, after every training phase."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.live.step = epoch
+        super().on_epoch_end(epoch, logs)
 
     def on_train_end(self, logs=None):
         pass
@@ -74,7 +100,8 @@ class _LiveCallback(DVCLiveCallback):
 def _fit(model, train_ds, val_ds, *, epochs, initial_epoch, weights, callbacks) -> int:
     history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=initial_epoch, shuffle=False,
                         class_weight=weights, callbacks=callbacks, verbose=keras_verbosity())  # tf.data shuffles
-    return initial_epoch + len(history.history.get("loss", []))
+    # history.epoch holds the real epoch numbers, also when BackupAndRestore skipped finished ones
+    return history.epoch[-1] + 1 if history.epoch else initial_epoch
 
 
 def train(kind: str, params: dict, *, split_dir: str | Path, data_root: str | Path, live_dir: str | Path,
@@ -83,6 +110,7 @@ def train(kind: str, params: dict, *, split_dir: str | Path, data_root: str | Pa
     if kind not in MODEL_KINDS:
         raise ValueError(f"model kind: {kind!r} is not one of {', '.join(MODEL_KINDS)}")
     cfg, train_cfg, size = params[kind], params["train"], params["image"]["size"]
+    configure_devices(train_cfg)
     seed_everything(train_cfg["seed"])
     split_dir = Path(split_dir)
     train_rows, val_rows = read_split(split_dir / "train.csv"), read_split(split_dir / "val.csv")
@@ -108,7 +136,7 @@ def train(kind: str, params: dict, *, split_dir: str | Path, data_root: str | Pa
                                                required=cfg["weights_required"])
             model = build_resnet(size, base=base, dense_units=cfg["dense_units"], dropout=cfg["dropout"])
         model.compile(optimizer=keras.optimizers.Adam(cfg["learning_rate"]), loss="categorical_crossentropy",
-                      metrics=["accuracy"])
+                      metrics=["accuracy"], jit_compile=train_cfg["jit_compile"])
 
     live = Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None)
     callbacks = [
@@ -124,7 +152,8 @@ def train(kind: str, params: dict, *, split_dir: str | Path, data_root: str | Pa
             with strategy.scope():
                 unfrozen = unfreeze_top(model, cfg["fine_tune_layers"])
                 model.compile(optimizer=keras.optimizers.Adam(cfg["fine_tune_learning_rate"]),
-                              loss="categorical_crossentropy", metrics=["accuracy"])
+                              loss="categorical_crossentropy", metrics=["accuracy"],
+                              jit_compile=train_cfg["jit_compile"])
             log.info("fine-tuning the top %d layers of the base for %d epochs", unfrozen, cfg["fine_tune_epochs"])
             callbacks[-2] = keras.callbacks.EarlyStopping(monitor="val_loss", patience=train_cfg["patience"],
                                                           restore_best_weights=True)

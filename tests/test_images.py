@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from kneexray.images import ImageError, ImageInfo, inspect, load_grey_array, open_image, to_grey
 
@@ -268,3 +268,17 @@ def test_array_loader_png_and_bytes(tmp_path: Path) -> None:
 def test_array_loader_upscales_small_images(tmp_path: Path) -> None:
     arr = load_grey_array(encode(gradient(40, 30), "JPEG"), 128)
     assert arr.shape == (128, 128) and arr.dtype == np.uint8
+
+
+def test_very_large_radiograph_under_and_over_the_pixel_cap(tmp_path):
+    big = Image.new("L", (12000, 12000), 0)
+    ImageDraw.Draw(big).rectangle((3000, 3000, 9000, 9000), fill=200)
+    path = tmp_path / "huge.jpg"
+    big.save(path, quality=80)
+    del big
+    info, _ = inspect(path, max_pixels=200_000_000, min_side=64)  # the default cap: kept
+    assert (info.width, info.height) == (12000, 12000)
+    arr = load_grey_array(path, 224, max_pixels=200_000_000)
+    assert arr.shape == (224, 224) and arr[112, 112] > 150 and arr[5, 5] < 30
+    with pytest.raises(ImageError, match="pixel cap"):
+        inspect(path, max_pixels=100_000_000, min_side=64)

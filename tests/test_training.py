@@ -102,3 +102,44 @@ def test_cnn_is_cheap_compared_with_the_original_head():
     assert model.count_params() < 1_000_000  # the original's Flatten->Dense(256) head alone had 25.7 M
     # conv1 at stride 2: 112*112*16 outputs x 9 taps x 1 channel x 2
     assert forward_flops(build_cnn(224, filters=[16], dense_units=1, dropout=0)) == 2 * 112 * 112 * 16 * 9 + 2 * 16 + 2 * 3
+
+
+def test_resnet_fine_tuning_unfreezes_the_top_layers(tiny, tiny_split, tmp_path):
+    _make_weights(tmp_path)
+    resnet = {**tiny["resnet"], "weights": "file", "weights_path": str(tmp_path / "base.weights.h5"),
+              "fine_tune_layers": 4, "fine_tune_epochs": 1}
+    params = {**tiny, "resnet": resnet, "train": {**tiny["train"], "patience": 5}}
+    result = _train("resnet", params, tiny_split, tmp_path)
+    assert result.epochs_run == tiny["resnet"]["epochs"] + 1
+    base = result.model.get_layer(RESNET_BASE_NAME)
+    reference, _ = resnet_base(32, weights="file", weights_path=str(tmp_path / "base.weights.h5"))
+    top_conv = [layer for layer in base.layers if isinstance(layer, keras.layers.Conv2D)][-1]
+    bottom_conv = base.get_layer("conv1_conv")
+    assert not np.array_equal(top_conv.get_weights()[0], reference.get_layer(top_conv.name).get_weights()[0])
+    assert np.array_equal(bottom_conv.get_weights()[0], reference.get_layer("conv1_conv").get_weights()[0])
+
+
+MIRRORED_SCRIPT = """
+import json, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from kneexray.training import choose_strategy, train
+params = json.loads(sys.argv[1])
+strategy = choose_strategy("mirrored")
+result = train("cnn", params, split_dir=sys.argv[2], data_root=sys.argv[2], live_dir=sys.argv[3])
+print(json.dumps({"replicas": strategy.num_replicas_in_sync, "epochs": result.epochs_run}))
+"""
+
+
+def test_mirrored_strategy_trains_on_two_logical_cpus(tiny, tiny_split, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    params = {**tiny, "train": {**tiny["train"], "strategy": "mirrored"}}
+    out = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT, json.dumps(params), str(tiny_split), str(tmp_path / "live")],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 replica(s)" in out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"replicas": 2, "epochs": tiny["cnn"]["epochs"]}
