@@ -189,6 +189,16 @@ def differing_files(root: Path, clone: Path) -> list[str]:
     return out
 
 
+def override_value(overrides: list[str], key: str, default):
+    """The value the last `key=value` override gives (as an int where it is one), else default."""
+    value = default
+    for item in overrides:
+        name, _, text = item.partition("=")
+        if name.strip() == key:
+            value = int(text) if text.strip().lstrip("-").isdigit() else text.strip()
+    return value
+
+
 def _ratio(a, b):
     return round(a / b, 3) if a is not None and b else None
 
@@ -267,6 +277,10 @@ def format_table(summary: dict) -> str:
     if any(r["weights_source"] == "random" for side in (ours, base) for m, r in side["models"].items() if m == "resnet"):
         notes.append("A ResNet50 ran with RANDOM weights (no ImageNet weights in the Keras cache): "
                      "its figures are not transfer learning.")
+    differs = ours.get("working_tree_differs") or []
+    if differs:
+        notes.append(f"Ours ran the COMMITTED code (a git clone): {len(differs)} pipeline file(s) differ in the working "
+                     f"tree ({', '.join(differs[:6])}{' ...' if len(differs) > 6 else ''}); commit them to measure them.")
     if summary["settings"].get("limit") or summary["settings"].get("epochs_override"):
         notes.append("SMOKE SETTINGS (--limit/--epochs/--image-size): these figures say nothing about the methods.")
     return "\n".join(lines + notes) + "\n"
@@ -283,6 +297,7 @@ def run_ours(source: Path, scratch: Path, overrides: list[str], env: dict) -> tu
     repo = scratch / "repo"
     try:
         subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
+        differs = differing_files(ROOT, repo)  # before `-S` rewrites the clone's params.yaml
         sets = ["-S", "dataset.source=url", "-S", f"dataset.url={url}"]
         for item in overrides:
             sets += ["-S", item]
@@ -293,7 +308,7 @@ def run_ours(source: Path, scratch: Path, overrides: list[str], env: dict) -> tu
     if run.get("returncode") != 0:
         sys.exit(f"error: our pipeline failed ({' '.join(cmd)}); its output is above")
     ours = {"command": " ".join(cmd).replace(url, "<local-url>"), "run": run,
-            "stage_s": real_data.stage_times(log), "working_tree_differs": differing_files(ROOT, repo), "models": {}}
+            "stage_s": real_data.stage_times(log), "working_tree_differs": differs, "models": {}}
     stage_s = ours["stage_s"]
     for m in MODELS:
         meta = model_metadata(repo / "models" / f"{m}.keras")
@@ -325,8 +340,6 @@ def main() -> None:
         sys.exit(f"error: {data} does not hold the real dataset (normal/, osteopenia/, osteoporosis/)")
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    size = args.image_size or params["image"]["size"]
-    resamples, boot_seed = params["evaluate"]["bootstrap_resamples"], params["evaluate"]["seed"]
     overrides = []
     if args.image_size:
         overrides.append(f"image.size={args.image_size}")
@@ -335,6 +348,11 @@ def main() -> None:
     if args.limit and not any(s.startswith("split.val_ratio=") for s in args.set):
         overrides.append("split.val_ratio=0.25")  # a class of ~10 images can't be cut into 10 validation folds
     overrides += args.set
+    # what ours will use (params.yaml, then the overrides); the baseline gets the same image size
+    size = override_value(overrides, "image.size", params["image"]["size"])
+    max_epochs = {m: override_value(overrides, f"{m}.epochs", params[m]["epochs"]) for m in MODELS}
+    resamples = override_value(overrides, "evaluate.bootstrap_resamples", params["evaluate"]["bootstrap_resamples"])
+    boot_seed = override_value(overrides, "evaluate.seed", params["evaluate"]["seed"])
     epochs_base = {m: args.epochs or baseline.NOTEBOOK[m]["epochs"] for m in MODELS}
 
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -359,7 +377,7 @@ def main() -> None:
             if pred["path"].tolist() != test_rows["path"].tolist():
                 sys.exit(f"error: reports/eval/{m}/predictions.csv is not in test.csv's order")
             proba_ours[m] = pred[[f"p_{c}" for c in CLASSES]].to_numpy()
-            ours["models"][m]["max_epochs"] = args.epochs or params[m]["epochs"]
+            ours["models"][m]["max_epochs"] = max_epochs[m]
             ours["models"][m]["metrics"] = baseline.our_metrics(y_test, proba_ours[m], resamples=resamples,
                                                                 seed=boot_seed)
 

@@ -54,15 +54,18 @@ def format_table(rows: list[dict]) -> str:
     classes = list(classified[0]["probabilities"])
     width = max(len("path"), *(len(row["path"]) for row in classified))
     label_width = max(len("predicted"), *(len(c) for c in classes))
-    lines = [f"{'path':<{width}}  {'predicted':<{label_width}}  " + "  ".join(f"{c:>{max(len(c), 5)}}" for c in classes)]
+    columns = {c: max(len(c), 5) for c in classes}
+    lines = [f"{'path':<{width}}  {'predicted':<{label_width}}  " + "  ".join(f"{c:>{w}}" for c, w in columns.items())]
     for row in classified:
-        probabilities = "  ".join(f"{row['probabilities'][c]:>{max(len(c), 5)}.3f}" for c in classes)
+        probabilities = "  ".join(f"{row['probabilities'][c]:>{w}.3f}" for c, w in columns.items())
         lines.append(f"{row['path']:<{width}}  {row['predicted']:<{label_width}}  {probabilities}")
     return "\n".join(lines)
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from kneexray.predict import predict_files, write_csv, write_json  # TensorFlow: not for --help
+    if not args.model.is_file():  # said before TensorFlow takes seconds to load
+        raise FileNotFoundError(f"{args.model}: no such model file")
+    from kneexray.predict import predict_files, write_csv, write_json  # TensorFlow: not for --help or usage errors
 
     rows = predict_files(args.model, args.paths, args.batch_size, explain_dir=args.explain)
     for row in rows:

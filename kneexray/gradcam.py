@@ -69,6 +69,8 @@ class GradCam:
             self._logits = keras.layers.Dense.from_config({**last.get_config(), "activation": "linear"})
             self._logits.build(last.kernel.shape[:1])
             self._logits.set_weights(last.get_weights())
+        if target.output.shape[1] * target.output.shape[2] == 1:
+            log.warning("Grad-CAM: %s is 1x1 at %d px; its heatmaps can't localise anything", target.name, self.size)
         log.debug("Grad-CAM on %s", self.target_name)
 
     def _forward(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -94,8 +96,6 @@ class GradCam:
             score = tf.gather(scores, chosen, axis=1, batch_dims=1)
         grads = tf.cast(tape.gradient(score, features), tf.float32)
         features = tf.cast(features, tf.float32)
-        if features.shape[1] * features.shape[2] == 1:
-            log.warning("Grad-CAM: %s is 1x1 at %d px; the heatmap can't localise anything", self.target_name, self.size)
         weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
         cams = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1, keepdims=True))
         cams = tf.image.resize(cams, (self.size, self.size), method="bilinear")[..., 0].numpy()
@@ -122,7 +122,8 @@ def save_explanation(original_path: str | Path, image: np.ndarray, heatmap: np.n
     No PNG text or time chunks, so the same input gives the same bytes. `name` replaces the stem
     when two inputs share one.
     """
-    side_by_side = np.concatenate([np.repeat(image[..., None], 3, axis=-1), np.asarray(overlay(image, heatmap))], axis=1)
+    original = np.repeat(image[..., None], 3, axis=-1)
+    side_by_side = np.concatenate([original, np.asarray(overlay(image, heatmap))], axis=1)
     buffer = io.BytesIO()
     Image.fromarray(side_by_side, mode="RGB").save(buffer, format="PNG")
     path = Path(out_dir) / f"{name or Path(original_path).stem}_gradcam.png"

@@ -75,7 +75,7 @@ def build_augmenter(augment: dict, seed: int) -> tf.keras.Sequential | None:
 
 
 def make_dataset(images: np.ndarray, labels: np.ndarray | None, *, batch_size: int, shuffle_seed: int | None = None,
-                 augmenter=None) -> tf.data.Dataset:
+                 augmenter=None, drop_remainder: bool = False) -> tf.data.Dataset:
     """Batches of float32 images in [0, 255] (and one-hot labels); preprocessing is in the model."""
     features = tf.data.Dataset.from_tensor_slices(images)
     if labels is not None:
@@ -85,7 +85,7 @@ def make_dataset(images: np.ndarray, labels: np.ndarray | None, *, batch_size: i
         ds = features
     if shuffle_seed is not None:
         ds = ds.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
 
     def to_float(x, *rest):
         x = tf.cast(x, tf.float32)

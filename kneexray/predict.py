@@ -18,8 +18,7 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
-from kneexray.atomic import write_json as _write_json_file
-from kneexray.atomic import write_text
+from kneexray import atomic
 from kneexray.dicom import DICOM_SUFFIXES, is_dicom, read_dicom_grey
 from kneexray.evaluation import predict_proba
 from kneexray.gradcam import GradCam, save_explanation
@@ -64,7 +63,7 @@ def _decode(path: Path, size: int) -> np.ndarray | str:
         return load_for_model(path, size)
     except ImageError as err:
         return str(err)
-    except OSError as err:  # missing, unreadable, a folder named like a file...
+    except OSError as err:  # missing or unreadable: strerror is the short reason
         return err.strerror or str(err)
 
 
@@ -128,10 +127,10 @@ def write_csv(rows: list[dict], path: str | Path) -> None:
     writer.writerow(["path", "predicted", *(f"p_{c}" for c in classes), "error"])
     for row in rows:
         proba = row.get("probabilities", {})
-        writer.writerow([row["path"], row.get("predicted", ""), *(f"{proba[c]:.6f}" if c in proba else "" for c in classes),
-                         row.get("error", "")])
-    write_text(path, buffer.getvalue())
+        probabilities = (f"{proba[c]:.6f}" if c in proba else "" for c in classes)
+        writer.writerow([row["path"], row.get("predicted", ""), *probabilities, row.get("error", "")])
+    atomic.write_text(path, buffer.getvalue())
 
 
 def write_json(rows: list[dict], path: str | Path) -> None:
-    _write_json_file(path, rows)
+    atomic.write_json(path, rows)

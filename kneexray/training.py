@@ -121,8 +121,11 @@ def train(kind: str, params: dict, *, split_dir: str | Path, data_root: str | Pa
     strategy = choose_strategy(train_cfg["strategy"])
     batch = params["image"]["batch_size"] * strategy.num_replicas_in_sync  # per-replica batch stays fixed
     augmenter = build_augmenter(params["augment"], train_cfg["seed"])
-    train_ds = make_dataset(x_train, y_train, batch_size=batch, shuffle_seed=train_cfg["seed"], augmenter=augmenter)
-    val_ds = make_dataset(x_val, y_val, batch_size=batch)
+    # Several replicas need equal shares of every batch: Keras 3 fails on a ragged last batch there.
+    ragged_ok = strategy.num_replicas_in_sync == 1
+    train_ds = make_dataset(x_train, y_train, batch_size=batch, shuffle_seed=train_cfg["seed"], augmenter=augmenter,
+                            drop_remainder=not ragged_ok)
+    val_ds = make_dataset(x_val, y_val, batch_size=batch, drop_remainder=not ragged_ok)
     weights = class_weights(y_train, train_cfg["class_weights"])
     log.info("%s: %d train / %d val images, class weights %s, %d replica(s)", kind, len(y_train), len(y_val),
              weights, strategy.num_replicas_in_sync)

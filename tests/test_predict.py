@@ -11,13 +11,14 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pydicom
 import pytest
 import tensorflow as tf
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from kneexray import CLASSES
+from kneexray import CLASSES, __version__
 from kneexray.__main__ import main
 from kneexray.dicom import read_dicom_grey
 from kneexray.evaluation import predict_proba
@@ -26,12 +27,15 @@ from kneexray.images import ImageError
 from kneexray.inputs import load_images
 from kneexray.models import build_cnn, build_resnet
 from kneexray.predict import collect_inputs, load_for_model, predict_files, write_csv, write_json
-from kneexray.training import save_model
+from kneexray.training import load_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
-METADATA = {"model": "cnn", "classes": list(CLASSES), "image_size": SIZE, "weights_source": "none (trained from scratch)",
-            "preprocessing": "in-model: Rescaling(1/255)", "epochs_run": 6, "train_images": 240}
+METADATA = {"model": "cnn", "classes": list(CLASSES), "image_size": SIZE,
+            "weights_source": "none (trained from scratch)",
+            "input": "greyscale uint8 pixels, resized to image_size x image_size, fed as float32 in [0, 255]",
+            "preprocessing": "in-model: Rescaling(1/255)", "epochs_run": 6, "train_images": 240,
+            "kneexray_version": __version__}
 
 
 def blob_images(n: int, seed: int, side: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
@@ -70,8 +74,9 @@ def full_range_image(seed: int, side: int = 48) -> np.ndarray:
     return np.round((image - image.min()) / (image.max() - image.min()) * 255).astype(np.uint8)
 
 
-def write_dicom(path: Path, stored: np.ndarray, *, photometric: str = "MONOCHROME2", window: bool = True,
-                slope: float = 0.5, intercept: float = -50.0) -> None:
+def write_dicom(path: Path, stored: np.ndarray, *, photometric: str = "MONOCHROME2",
+                window: tuple[float, float] | None = (255.5, 511), slope: float = 0.5,
+                intercept: float = -50.0) -> None:
     """A DX-like DICOM of uint16 stored values (several frames when `stored` is 3-D)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image, for presentation
@@ -87,7 +92,7 @@ def write_dicom(path: Path, stored: np.ndarray, *, photometric: str = "MONOCHROM
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
     ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
     if window:
-        ds.WindowCenter, ds.WindowWidth = 255.5, 511
+        ds.WindowCenter, ds.WindowWidth = window
     ds.PixelData = stored.astype("<u2").tobytes()
     ds.save_as(path, enforce_file_format=True)
 
@@ -119,7 +124,7 @@ def test_dicom_rescale_window_photometric_and_frames(tmp_path):
     pixels = full_range_image(seed=1)
     write_dicom(tmp_path / "m2.dcm", as_dicom_values(pixels))
     write_dicom(tmp_path / "m1.dcm", as_dicom_values(pixels), photometric="MONOCHROME1")
-    write_dicom(tmp_path / "minmax.dcm", as_dicom_values(pixels), window=False)
+    write_dicom(tmp_path / "minmax.dcm", as_dicom_values(pixels), window=None)
     write_dicom(tmp_path / "frames.dcm", np.stack([as_dicom_values(pixels), np.zeros_like(pixels, np.uint16)]))
     m2 = read_dicom_grey(tmp_path / "m2.dcm")
     assert m2.mode == "L" and m2.size == (48, 48)
@@ -129,16 +134,17 @@ def test_dicom_rescale_window_photometric_and_frames(tmp_path):
     np.testing.assert_array_equal(np.asarray(read_dicom_grey(tmp_path / "frames.dcm")), pixels)
 
 
-def test_dicom_window_narrower_than_the_data_clips(tmp_path):
-    pixels = np.tile(np.arange(256, dtype=np.uint16), (4, 1))
-    path = tmp_path / "w.dcm"
-    write_dicom(path, pixels, slope=1.0, intercept=0.0)  # window [0, 510] over values 0..255: half the range
-    np.testing.assert_allclose(np.asarray(read_dicom_grey(path))[0], np.round(np.arange(256) / 2), atol=1)
+def test_dicom_window_is_the_display_range(tmp_path):
+    values = np.tile(np.arange(256, dtype=np.uint16), (4, 1))
+    write_dicom(tmp_path / "wide.dcm", values, slope=1.0, intercept=0.0)  # window [0, 510]: values show at half
+    write_dicom(tmp_path / "narrow.dcm", values, window=(128.5, 65), slope=1.0, intercept=0.0)  # window [96, 160]
+    np.testing.assert_allclose(np.asarray(read_dicom_grey(tmp_path / "wide.dcm"))[0], np.arange(256) / 2, atol=0.5)
+    narrow = np.asarray(read_dicom_grey(tmp_path / "narrow.dcm"))[0].astype(int)
+    assert (narrow[:96] == 0).all() and (narrow[161:] == 255).all()
+    np.testing.assert_allclose(narrow[96:161], (np.arange(96, 161) - 96) * 255 / 64, atol=0.5)
 
 
 def test_broken_dicoms_are_image_errors(tmp_path):
-    import pydicom
-
     write_dicom(tmp_path / "good.dcm", as_dicom_values(full_range_image(seed=1)))
     good = (tmp_path / "good.dcm").read_bytes()
     ds = pydicom.dcmread(tmp_path / "good.dcm")
@@ -166,7 +172,8 @@ def test_collect_inputs_walks_folders_sorted(tmp_path):
 
 
 def test_predict_files_every_format_and_a_broken_one(model_path, inputs):
-    rows = {Path(r["path"]).relative_to(inputs).as_posix(): r for r in predict_files(model_path, [inputs], batch_size=4)}
+    rows = predict_files(model_path, [inputs], batch_size=4)
+    rows = {Path(r["path"]).relative_to(inputs).as_posix(): r for r in rows}
     assert set(rows) == {"broken.png", "dicom/knee.dcm", "dicom/knee_m1.dcm", "knee.png", "knee16.png", "knee_jpeg.jpg"}
     assert "error" in rows["broken.png"] and "predicted" not in rows["broken.png"]
     for name, row in rows.items():
@@ -209,7 +216,8 @@ def test_model_without_metadata_is_a_clear_error(trained, inputs, tmp_path, caps
 
 
 def test_writers(tmp_path):
-    rows = [{"path": "a.png", "predicted": "normal", "probabilities": {"normal": 0.7, "osteopenia": 0.2, "osteoporosis": 0.1}},
+    rows = [{"path": "a.png", "predicted": "normal",
+             "probabilities": {"normal": 0.7, "osteopenia": 0.2, "osteoporosis": 0.1}},
             {"path": "b.png", "error": "empty file"}]
     write_csv(rows, tmp_path / "p.csv")
     write_json(rows, tmp_path / "p.json")
@@ -238,7 +246,7 @@ def test_gradcam_on_the_cnn(trained):
     _check_heatmap(gradcam(trained, image, class_index=0), SIZE)
 
 
-def test_gradcam_on_the_resnet():
+def test_gradcam_on_the_resnet(tmp_path):
     keras.utils.set_random_seed(0)
     size = 64  # conv5 is 2x2 at 64 px (1x1 at 32 px: a constant heatmap)
     base = keras.applications.ResNet50(weights=None, include_top=False, input_shape=(size, size, 3), pooling="avg")
@@ -263,6 +271,10 @@ def test_gradcam_on_the_resnet():
     cams = features(preprocess(images[..., None].astype(np.float32))).numpy().sum(axis=-1, keepdims=True)
     expected = tf.image.resize(cams, (size, size), method="bilinear").numpy()[..., 0]
     np.testing.assert_allclose(heatmaps, expected / expected.max(axis=(1, 2), keepdims=True), atol=1e-4)
+
+    save_model(model, {**METADATA, "model": "resnet", "image_size": size}, tmp_path / "resnet.keras")
+    loaded, _ = load_model(tmp_path / "resnet.keras")  # the nested base as deserialised, as the CLI meets it
+    np.testing.assert_allclose(GradCam(loaded)(images, [0, 0]), heatmaps, atol=1e-5)
 
 
 def test_gradcam_finds_the_square_that_carries_the_class(trained):
@@ -324,13 +336,21 @@ def test_cli_table_json_and_exit_codes(model_path, inputs, tmp_path, capsys):
     assert main(["predict", str(inputs / "knee.png"), str(inputs / "broken.png"), "--model", str(model_path)]) == 0
     out, err = capsys.readouterr()
     header, line = out.strip().splitlines()
-    assert header.split() == ["path", "predicted", *CLASSES] and line.split()[:2] == [str(inputs / "knee.png"), CLASSES[1]]
+    assert header.split() == ["path", "predicted", *CLASSES]
+    assert line.split()[:2] == [str(inputs / "knee.png"), CLASSES[1]]
     assert err.strip().startswith(f"{inputs / 'broken.png'}: ")
 
-    assert main(["predict", str(inputs / "broken.png"), "--model", str(model_path), "--json", str(tmp_path / "p.json")]) == 1
-    assert json.loads((tmp_path / "p.json").read_text())[0]["error"]
-    assert main(["predict", str(tmp_path / "missing"), "--model", str(model_path)]) == 1
-    assert "No such file" in capsys.readouterr().err
+    json_path = tmp_path / "p.json"
+    assert main(["predict", str(inputs / "broken.png"), "--model", str(model_path), "--json", str(json_path)]) == 1
+    assert json.loads(json_path.read_text())[0]["error"] == "not a recognised image format"
+    assert capsys.readouterr() == ("", f"{inputs / 'broken.png'}: not a recognised image format\n")
+    assert main(["predict", str(tmp_path / "missing.png"), "--model", str(model_path)]) == 1
+    assert capsys.readouterr().err.strip() == f"{tmp_path / 'missing.png'}: No such file or directory"
+    assert main(["predict", str(inputs), "--model", str(tmp_path / "missing.keras")]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'missing.keras'}: no such model file"
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(tmp_path / "empty"), "--model", str(model_path)]) == 1
+    assert capsys.readouterr().err.strip() == f"error: no images found in {tmp_path / 'empty'}"
 
     with pytest.raises(SystemExit) as usage:
         main(["predict", str(inputs), "--model", str(model_path), "--csv", "a.csv", "--json", "b.json"])
