@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, classification_report, confusion_matrix,
-                             f1_score, precision_recall_fscore_support, roc_auc_score, roc_curve)
+                             precision_recall_fscore_support, roc_auc_score, roc_curve)
 
 from kneexray import CLASSES
 
@@ -46,26 +46,46 @@ def per_class_auc(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float | No
     return out
 
 
-def _macro_f1(y_true, y_pred) -> float:
-    # zero_division=0: a class that is never predicted scores F1 0, it does not vanish from the mean
-    return float(f1_score(y_true, y_pred, labels=LABELS, average="macro", zero_division=0))
+def _macro_f1_counts(confusion: np.ndarray) -> np.ndarray:
+    """Macro-F1 from (..., k, k) confusion counts; a class never predicted nor present scores 0."""
+    tp = np.diagonal(confusion, axis1=-2, axis2=-1)
+    denom = confusion.sum(axis=-1) + confusion.sum(axis=-2)  # 2TP + FP + FN
+    f1 = np.divide(2 * tp, denom, out=np.zeros(tp.shape), where=denom > 0)
+    return f1.mean(axis=-1)
+
+
+def _auc_rank(positive: np.ndarray, scores: np.ndarray) -> float | None:
+    """One-vs-rest ROC AUC via the rank-sum statistic (ties averaged), as roc_auc_score gives."""
+    from scipy.stats import rankdata
+
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = rankdata(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def bootstrap_ci(y_true: np.ndarray, proba: np.ndarray, *, resamples: int, seed: int,
                  level: float = 0.95) -> dict[str, dict[str, float | None]]:
-    """Percentile bootstrap over test images for accuracy, macro-F1 and macro AUC."""
+    """Percentile bootstrap over test images for accuracy, macro-F1 and macro AUC.
+
+    Counts are computed with NumPy rather than sklearn calls per resample: a thousand resamples
+    take well under a second instead of tens of seconds.
+    """
     rng = np.random.default_rng(seed)
     y_pred = proba.argmax(axis=1)
-    n = len(y_true)
-    stats = {"accuracy": [], "macro_f1": [], "macro_auc": []}
-    for _ in range(resamples):
-        idx = rng.integers(0, n, n)
-        t, p = y_true[idx], y_pred[idx]
-        stats["accuracy"].append(float((t == p).mean()))
-        stats["macro_f1"].append(_macro_f1(t, p))
-        auc = macro_auc(t, proba[idx])
-        if auc is not None:
-            stats["macro_auc"].append(auc)
+    n, k = len(y_true), len(CLASSES)
+    idx = rng.integers(0, n, (resamples, n))
+    t, p = y_true[idx], y_pred[idx]
+    cells = t * k + p
+    confusion = np.stack([np.bincount(row, minlength=k * k) for row in cells]).reshape(resamples, k, k)
+    stats = {"accuracy": list((t == p).mean(axis=1)), "macro_f1": list(_macro_f1_counts(confusion)), "macro_auc": []}
+    for row in idx:
+        aucs = [_auc_rank(y_true[row] == c, proba[row, c]) for c in LABELS]
+        aucs = [a for a in aucs if a is not None]
+        if len(aucs) >= 2:
+            stats["macro_auc"].append(float(np.mean(aucs)))
     tail = (1 - level) / 2 * 100
     return {name: ({"low": float(np.percentile(v, tail)), "high": float(np.percentile(v, 100 - tail))}
                    if v else {"low": None, "high": None}) for name, v in stats.items()}

@@ -147,7 +147,8 @@ SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "patience": _num(0, integer=True),
         "strategy": _choice("auto", "default", "mirrored", "multi_worker"),
         "resume": _BOOL,
-        "mixed_precision": _choice("off", "auto", "float16", "bfloat16"),
+        # no "off": DVC rewrites params.yaml unquoted on `exp run -S`, and YAML reads off as false
+        "mixed_precision": _choice("float32", "auto", "mixed_float16", "mixed_bfloat16"),
         "jit_compile": _BOOL,
         "threads": _num(0, 256, integer=True),
     },

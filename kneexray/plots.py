@@ -139,9 +139,26 @@ def summary_markdown(metrics: dict, audit: dict, split: dict, figures: list[str]
     return "\n".join(lines) + "\n"
 
 
+def gradcam_figure(model_path: str | Path, predictions: pd.DataFrame, data_root: str | Path, title: str,
+                   per_class: int = 2):
+    """Grad-CAM overlays for a few test images per class, right and wrong."""
+    from kneexray.gradcam import gradcam_grid, pick_examples
+    from kneexray.inputs import label_indices, load_images
+    from kneexray.training import load_model
+
+    model, metadata = load_model(model_path)
+    labels, predicted = label_indices(predictions["actual"]), label_indices(predictions["predicted"])
+    chosen = pick_examples(labels, predicted, per_class=per_class)
+    images = load_images(predictions["path"].iloc[chosen], metadata["image_size"], root=data_root)
+    fig = gradcam_grid(model, images[..., 0], labels[chosen], predicted[chosen], ncols=2 * per_class)
+    fig.suptitle(f"{title}: Grad-CAM on test images (green: right, red: wrong)")
+    return fig
+
+
 def make_figures(*, metrics_path, eval_dir, live_dirs: dict[str, str], audit_path, split_report, figures_dir,
-                 summary_path) -> list[Path]:
-    """All PNGs into figures_dir and the Markdown summary (linking them) to summary_path."""
+                 summary_path, models: dict[str, str] | None = None, data_root: str | Path = ".") -> list[Path]:
+    """All PNGs into figures_dir and the Markdown summary (linking them) to summary_path; with
+    `models`, Grad-CAM grids of test images too."""
     metrics = json.loads(Path(metrics_path).read_text())
     out_dir, summary_path = Path(figures_dir), Path(summary_path)
     written = []
@@ -155,6 +172,9 @@ def make_figures(*, metrics_path, eval_dir, live_dirs: dict[str, str], audit_pat
             f"{model}_roc.png": roc_figure(model_eval, title),
             f"{model}_reliability.png": reliability_figure(model_eval, title, details["ece"]),
         }
+        if models and model in models:
+            predictions = pd.read_csv(model_eval / "predictions.csv")
+            figures[f"{model}_gradcam.png"] = gradcam_figure(models[model], predictions, data_root, title)
         for name, fig in figures.items():
             save_png(fig, out_dir / name)
             written.append(out_dir / name)

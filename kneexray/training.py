@@ -55,8 +55,8 @@ def configure_devices(train_cfg: dict) -> None:
         tf.config.experimental.set_memory_growth(gpu, True)
     policy = train_cfg["mixed_precision"]
     if policy == "auto":
-        policy = "float16" if gpus else "off"
-    keras.mixed_precision.set_global_policy("float32" if policy == "off" else f"mixed_{policy}")
+        policy = "mixed_float16" if gpus else "float32"
+    keras.mixed_precision.set_global_policy(policy)
 
 
 def choose_strategy(name: str) -> tf.distribute.Strategy:

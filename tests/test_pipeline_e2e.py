@@ -32,7 +32,7 @@ def test_dvc_pipeline_end_to_end(project):
 
     # PNGs are byte-stable: redrawing the same results changes nothing DVC would see
     figures = {p.name: p.read_bytes() for p in (project / "reports/figures").glob("*.png")}
-    assert len(figures) == 8
+    assert len(figures) == 10  # curves, confusion, ROC, reliability, Grad-CAM per model
     run(["dvc", "repro", "-f", "-s", "plot"], project)
     assert figures == {p.name: p.read_bytes() for p in (project / "reports/figures").glob("*.png")}
 
