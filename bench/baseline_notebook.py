@@ -294,12 +294,19 @@ def build_cnn(size: int):
         x = keras.layers.MaxPooling2D(2)(x)
         x = keras.layers.Dropout(0.25)(x)
     x = keras.layers.Flatten()(x)
+    return _head_and_compile(inputs, x, cfg, "notebook_cnn")
+
+
+def _head_and_compile(inputs, x, cfg: dict, name: str):
+    """The notebook's head for both models: [Dense relu + BN + Dropout 0.5] per width, softmax, Adam."""
+    import keras
+
     for units in cfg["dense"]:
         x = keras.layers.Dense(units, activation="relu")(x)
         x = keras.layers.BatchNormalization()(x)
         x = keras.layers.Dropout(0.5)(x)
     outputs = keras.layers.Dense(len(CLASSES), activation="softmax")(x)
-    model = keras.Model(inputs, outputs, name="notebook_cnn")
+    model = keras.Model(inputs, outputs, name=name)
     model.compile(optimizer=keras.optimizers.Adam(cfg["learning_rate"]), loss="categorical_crossentropy",
                   metrics=["accuracy"])
     return model
@@ -325,15 +332,7 @@ def build_resnet(size: int):
     inputs = keras.Input((size, size, 3))
     x = base(inputs)  # fed 1/255-scaled pixels, as the notebook did
     x = keras.layers.GlobalAveragePooling2D()(x)
-    for units in cfg["dense"]:
-        x = keras.layers.Dense(units, activation="relu")(x)
-        x = keras.layers.BatchNormalization()(x)
-        x = keras.layers.Dropout(0.5)(x)
-    outputs = keras.layers.Dense(len(CLASSES), activation="softmax")(x)
-    model = keras.Model(inputs, outputs, name="notebook_resnet50")
-    model.compile(optimizer=keras.optimizers.Adam(cfg["learning_rate"]), loss="categorical_crossentropy",
-                  metrics=["accuracy"])
-    return model, source
+    return _head_and_compile(inputs, x, cfg, "notebook_resnet50"), source
 
 
 def _from_directory(folder: Path, size: int, **kwargs):

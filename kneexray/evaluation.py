@@ -52,30 +52,98 @@ def write_model_reports(out_dir: Path, rows: pd.DataFrame, y_true, proba, result
         write_json(tmp / "details.json", details)
 
 
+def prepare_external(path: str | Path, extract_cfg: dict, train_prints: np.ndarray, scratch: Path) -> tuple[pd.DataFrame, Path, dict]:
+    """An external test set, curated like the main data, minus (near-)copies of training images.
+
+    Returns its rows (path, label), the folder the paths are relative to, and what was removed.
+    """
+    from kneexray.archive import ExtractLimits, extract_nested, find_class_dirs
+    from kneexray.curation import curate
+    from kneexray.fingerprint import cross_distance
+
+    source = Path(path).expanduser()
+    if source.is_file():
+        limits = ExtractLimits(max_depth=extract_cfg["max_depth"], max_total_bytes=extract_cfg["max_total_mb"] * 2**20,
+                               max_ratio=float(extract_cfg["max_ratio"]))
+        extract_nested(source, scratch / "unpacked", limits)
+        source = scratch / "unpacked"
+    elif not source.is_dir():
+        raise FileNotFoundError(f"evaluate.external_path: {path} does not exist (a ZIP or a folder laid out by class)")
+    curated = curate(find_class_dirs(source, CLASSES), scratch / "images", max_pixels=extract_cfg["max_pixels"],
+                     min_side=extract_cfg["min_side"], near_duplicate_distance=extract_cfg["near_duplicate_distance"],
+                     keep_conflicts=False)
+    copies = cross_distance(curated.fingerprints, train_prints).min(axis=1, initial=np.inf) \
+        <= extract_cfg["near_duplicate_distance"]
+    rows = curated.index.loc[~copies, ["path", "label"]].reset_index(drop=True)
+    audit = {"files_seen": curated.audit["files_seen"], "unreadable": curated.audit["unreadable"],
+             "label_conflicts": curated.audit["label_conflicts"],
+             "copies_of_training_images_removed": int(copies.sum()), "n": int(len(rows)),
+             "per_class": {c: int((rows["label"] == c).sum()) for c in CLASSES}}
+    if copies.any():
+        log.warning("external set: %d image(s) are (near-)copies of training images and were removed", copies.sum())
+    return rows, scratch / "images", audit
+
+
+def _training_fingerprints(test_csv: Path, data_root: Path) -> np.ndarray:
+    """Fingerprints of the images the models learned from (train and validation splits)."""
+    from kneexray.extraction import FINGERPRINTS_FILE, INDEX_FILE
+
+    index = pd.read_csv(data_root / INDEX_FILE)
+    seen = set(pd.concat([read_split(test_csv.with_name(f"{s}.csv"))["path"] for s in ("train", "val")]))
+    return np.load(data_root / FINGERPRINTS_FILE)[index["path"].isin(seen).to_numpy()]
+
+
+def _evaluate_set(model, metadata, rows: pd.DataFrame, root: Path, params: dict, cache: dict, out_dir: Path) -> dict:
+    cfg = params["evaluate"]
+    size = metadata["image_size"]
+    if size not in cache:
+        cache[size] = load_images(rows["path"], size, root=root, desc="images")
+    y_true = label_indices(rows["label"])
+    proba = predict_proba(model, cache[size], params["image"]["batch_size"])
+    result = evaluate_predictions(y_true, proba, resamples=cfg["bootstrap_resamples"], seed=cfg["seed"],
+                                  bins=cfg["calibration_bins"])
+    write_model_reports(out_dir, rows, y_true, proba, result)
+    return result
+
+
 def evaluate_models(models: dict[str, str], *, test_csv: str | Path, data_root: str | Path, out_dir: str | Path,
                     metrics_path: str | Path, params: dict) -> dict:
+    """Each model on the test split and, with evaluate.external_path, on an external set."""
+    import shutil
+    import tempfile
+
     from kneexray.training import load_model
 
-    cfg = params["evaluate"]
+    test_csv, data_root, out_dir = Path(test_csv), Path(data_root), Path(out_dir)
     rows = read_split(test_csv)
-    y_true = label_indices(rows["label"])
-    images_by_size: dict[int, np.ndarray] = {}
     summary = {"data": {"source": params["dataset"]["source"], "n_test": int(len(rows)),
                         "test_per_class": {c: int((rows["label"] == c).sum()) for c in CLASSES}}}
-    for name, path in models.items():
-        model, metadata = load_model(path)
-        size = metadata["image_size"]
-        if size not in images_by_size:
-            images_by_size[size] = load_images(rows["path"], size, root=data_root, desc="test images")
-        proba = predict_proba(model, images_by_size[size], params["image"]["batch_size"])
-        result = evaluate_predictions(y_true, proba, resamples=cfg["bootstrap_resamples"], seed=cfg["seed"],
-                                      bins=cfg["calibration_bins"])
-        write_model_reports(Path(out_dir) / name, rows, y_true, proba, result)
-        summary[name] = headline(result, metadata)
-        log.info("%s: accuracy %.3f, macro-F1 %.3f [%.3f, %.3f], weights %s", name, result["accuracy"],
-                 result["macro_f1"], result["ci95"]["macro_f1"]["low"], result["ci95"]["macro_f1"]["high"],
-                 metadata["weights_source"])
-        if metadata["weights_source"] == "random":
-            log.warning("%s ran WITHOUT ImageNet weights (random features): its metrics are not transfer learning", name)
+    sets = {"test": (rows, data_root)}
+    scratch = Path(tempfile.mkdtemp(prefix=".external-", dir=data_root.parent))
+    try:
+        if params["evaluate"]["external_path"]:
+            ext_rows, ext_root, summary["external_data"] = prepare_external(
+                params["evaluate"]["external_path"], params["extract"],
+                _training_fingerprints(test_csv, data_root), scratch)
+            sets["external"] = (ext_rows, ext_root)
+        caches: dict[str, dict] = {name: {} for name in sets}
+        for name, path in models.items():
+            model, metadata = load_model(path)
+            for set_name, (set_rows, root) in sets.items():
+                target = out_dir / name if set_name == "test" else out_dir / f"{name}_{set_name}"
+                result = _evaluate_set(model, metadata, set_rows, root, params, caches[set_name], target)
+                entry = headline(result, metadata)
+                if set_name == "test":
+                    summary[name] = entry
+                else:
+                    summary[name][set_name] = {k: v for k, v in entry.items() if k not in ("weights_source", "pretrained")}
+                log.info("%s on %s: accuracy %.3f, macro-F1 %.3f [%.3f, %.3f], weights %s", name, set_name,
+                         result["accuracy"], result["macro_f1"], result["ci95"]["macro_f1"]["low"],
+                         result["ci95"]["macro_f1"]["high"], metadata["weights_source"])
+            if metadata["weights_source"] == "random":
+                log.warning("%s ran WITHOUT ImageNet weights (random features): its metrics are not transfer learning",
+                            name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     write_json(metrics_path, summary)
     return summary

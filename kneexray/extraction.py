@@ -12,6 +12,7 @@ import numpy as np
 from kneexray import CLASSES
 from kneexray.archive import ExtractLimits, extract_nested, find_class_dirs
 from kneexray.atomic import atomic_path, write_json
+from kneexray.audit_pairs import draw_pairs, flagged_pairs
 from kneexray.curation import curate
 from kneexray.patients import audit_patient_table
 
@@ -32,10 +33,11 @@ def audit_counts(audit: dict) -> dict:
 
 
 def extract_dataset(archive: str | Path, out_dir: str | Path, audit_path: str | Path, details_path: str | Path,
-                    cfg: dict) -> dict:
+                    cfg: dict, pairs_path: str | Path | None = None) -> dict:
     """Unpack `archive` into a scratch folder beside `out_dir`, then write out_dir atomically:
     images/<class>/*, index.csv and fingerprints.npy. The audit's counts go to `audit_path`
-    (small, diffable) and its lists of files to `details_path`."""
+    (small, diffable), its lists of files to `details_path`, and a picture of the flagged pairs
+    to `pairs_path`."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     limits = ExtractLimits(max_depth=cfg["max_depth"], max_total_bytes=cfg["max_total_mb"] * 2**20,
@@ -58,6 +60,8 @@ def extract_dataset(archive: str | Path, out_dir: str | Path, audit_path: str | 
             audit = {**curated.audit, "patient_table": audit_patient_table(unpacked, curated.index)}
             write_json(details_path, audit)
             write_json(audit_path, audit_counts(audit))
+            if pairs_path is not None:
+                draw_pairs(flagged_pairs(audit), class_dirs, pairs_path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return audit

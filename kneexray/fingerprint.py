@@ -34,15 +34,19 @@ def fingerprint(img: Image.Image) -> np.ndarray:
     return np.stack([_thumb(c) for c in crops]).astype(np.float32)
 
 
+def cross_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(len(a), len(b)) distances: 1 - the best correlation of one image with any crop of the other."""
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)))
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    a_in_b = np.einsum("id,jcd->ijc", a[:, 0, :], b).max(axis=2)  # full a[i] against every crop of b[j]
+    b_in_a = np.einsum("jd,icd->ijc", b[:, 0, :], a).max(axis=2)  # full b[j] against every crop of a[i]
+    return np.clip(1.0 - np.maximum(a_in_b, b_in_a), 0.0, 2.0)
+
+
 def pairwise_distance(prints: np.ndarray) -> np.ndarray:
-    """(n, n) distances: 1 - the best correlation of one image with any crop of the other."""
-    if len(prints) == 0:
-        return np.zeros((0, 0))
-    full = prints[:, 0, :].astype(np.float64)  # (n, d)
-    # full[i] against every crop of j, and every crop of i against full[j]
-    a = np.einsum("id,jcd->ijc", full, prints.astype(np.float64)).max(axis=2)
-    best = np.maximum(a, a.T)
-    return np.clip(1.0 - best, 0.0, 2.0)
+    """(n, n) distances within one set of fingerprints."""
+    return cross_distance(prints, prints)
 
 
 def group_near_duplicates(prints: np.ndarray, threshold: float) -> np.ndarray:

@@ -175,6 +175,7 @@ SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "bootstrap_resamples": _num(10, 100_000, integer=True),
         "seed": _num(0, integer=True),
         "calibration_bins": _num(2, 100, integer=True),
+        "external_path": _STR,
     },
 }
 

@@ -105,6 +105,15 @@ def _ci(entry: dict, name: str) -> str:
     return f"{value:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]"
 
 
+def _patient_line(table: dict) -> str:
+    if not table.get("found"):
+        return "No patient table in the archive (labels not checked against T-scores)."
+    if "label_disagreements" not in table:
+        return "A patient table was found but could not be read."
+    return (f"Patient table: {table['images_matched']} images matched, {table['label_disagreements']} label(s) "
+            "disagree with the WHO category of their T-score.")
+
+
 def summary_markdown(metrics: dict, audit: dict, split: dict, figures: list[str]) -> str:
     data = metrics["data"]
     models = [m for m in MODEL_TITLES if m in metrics]
@@ -131,7 +140,10 @@ def summary_markdown(metrics: dict, audit: dict, split: dict, figures: list[str]
     lines += ["", "## Data", "",
               f"Files seen {audit['files_seen']}, unreadable {audit['unreadable']}, exact copies removed "
               f"{audit['exact_copy_files_removed']}, near-duplicate groups {audit['near_duplicate_groups']}, "
-              f"label conflicts {audit['label_conflicts']} ({'kept' if audit['label_conflicts_kept'] else 'dropped'}).",
+              f"label conflicts {audit['label_conflicts']} ({'kept' if audit['label_conflicts_kept'] else 'dropped'}). "
+              + _patient_line(audit.get("patient_table", {}))
+              + " Flagged pairs, for a person to check: [data_audit_pairs.png](data_audit_pairs.png); "
+              "file lists: `reports/data_audit_details.json`.",
               "", "| split | " + " | ".join(CLASSES) + " |", "|---|" + "---|" * len(CLASSES)]
     for name, counts in split["images_per_split"].items():
         lines.append(f"| {name} | " + " | ".join(str(counts[c]) for c in CLASSES) + " |")

@@ -7,7 +7,7 @@ from kneexray.extraction import extract_dataset
 
 
 def main(args: argparse.Namespace, params: dict) -> None:
-    audit = extract_dataset(args.archive, args.out, args.audit, args.audit_details, params["extract"])
+    audit = extract_dataset(args.archive, args.out, args.audit, args.audit_details, params["extract"], args.audit_pairs)
     stage.log.info("kept %d images %s; %d unreadable, %d exact copies removed, %d label conflicts",
                    audit["images_kept"], audit["images_per_class"], audit["unreadable"],
                    audit["exact_copy_files_removed"], audit["label_conflicts"])
@@ -19,4 +19,5 @@ if __name__ == "__main__":
     parser.add_argument("--out", required=True, help="folder to write: images/, index.csv, fingerprints.npy")
     parser.add_argument("--audit", required=True, help="data audit counts JSON to write (a DVC metric)")
     parser.add_argument("--audit-details", required=True, help="data audit lists JSON to write (which files, why)")
+    parser.add_argument("--audit-pairs", help="PNG of the flagged pairs side by side, for a person to check")
     stage.run(main, parser)

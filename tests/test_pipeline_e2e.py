@@ -51,6 +51,12 @@ def test_dvc_pipeline_end_to_end(project):
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     assert len(shown) >= 1
 
+    # two commits with different params: `dvc metrics diff` between them prints what changed
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "higher learning rate"], project)
+    between = run(["dvc", "metrics", "diff", "HEAD~1", "HEAD", "--all"], project).stdout
+    assert "reports/metrics.json" in between and "cnn.macro_f1" in between and "resnet.macro_f1" in between
+
     run(["dvc", "plots", "show", "-o", "dvc_plots"], project)
     html = (project / "dvc_plots/index.html").read_text()
     for plot_id in ("Confusion matrix (test)", "Training accuracy", "Training loss", "ROC curves (test, one vs rest)",
@@ -60,6 +66,6 @@ def test_dvc_pipeline_end_to_end(project):
     assert "cnn_confusion.png" in html
 
     # the experiment against the committed baseline, side by side
-    run(["dvc", "plots", "diff", "HEAD", "-o", "dvc_plots_diff"], project)
+    run(["dvc", "plots", "diff", "HEAD~1", "HEAD", "-o", "dvc_plots_diff"], project)
     diff_html = (project / "dvc_plots_diff/index.html").read_text()
-    assert "workspace" in diff_html and "HEAD" in diff_html
+    assert "HEAD~1" in diff_html and "HEAD" in diff_html
