@@ -20,11 +20,13 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+import yaml  # noqa: E402
 
 from kneexray.models import build_cnn, build_resnet, forward_flops, resnet_base  # noqa: E402
 
@@ -62,14 +64,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    keras.utils.set_random_seed(0)
     tf.config.experimental.enable_op_determinism()  # as in the pipeline
     limit = matmul_gflops()
 
-    cnn = build_cnn(args.size, filters=[16, 32, 64, 128, 256], dense_units=128, dropout=0.3)
+    cfg = yaml.safe_load((ROOT / "params.yaml").read_text())  # the models as the pipeline builds them
+    cnn = build_cnn(args.size, filters=cfg["cnn"]["filters"], dense_units=cfg["cnn"]["dense_units"],
+                    dropout=cfg["cnn"]["dropout"])
     base, weights = resnet_base(args.size, weights="imagenet")
-    resnet = build_resnet(args.size, base=base, dense_units=256, dropout=0.5)
+    resnet = build_resnet(args.size, base=base, dense_units=cfg["resnet"]["dense_units"], dropout=cfg["resnet"]["dropout"])
     head_flops = forward_flops(resnet) - forward_flops(base)
-    results = {"matmul_gflops": round(limit, 1), "image_size": args.size, "batch": args.batch,
+    results = {"cnn_parameters": cnn.count_params(), "cnn_forward_gflops": round(forward_flops(cnn) / 1e9, 3),
+               "resnet_parameters": resnet.count_params(), "resnet_forward_gflops": round(forward_flops(resnet) / 1e9, 3),
+               "matmul_gflops": round(limit, 1), "image_size": args.size, "batch": args.batch,
                "cpu_count": os.cpu_count(), "tensorflow": tf.__version__, "resnet_weights": weights}
     for name, model, train_flops in (("cnn", cnn, 3 * forward_flops(cnn)),
                                      ("resnet_frozen", resnet, forward_flops(base) + 3 * head_flops)):
