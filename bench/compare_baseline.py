@@ -55,6 +55,7 @@ import baseline_notebook as baseline  # noqa: E402
 import real_data  # noqa: E402
 
 from kneexray import CLASSES  # noqa: E402
+from kneexray.plots import format_with_ci  # noqa: E402
 
 MODELS = ("cnn", "resnet")
 MODEL_TITLES = {"cnn": "CNN", "resnet": "ResNet50"}
@@ -225,16 +226,6 @@ def compare(ours: dict, base: dict, y_test, proba_ours: dict, proba_base: dict, 
     return out
 
 
-def _ci(metrics: dict, name: str) -> str:
-    value = metrics.get(name)
-    ci = metrics.get("ci95", {}).get(name, {})
-    if value is None:
-        return "n/a"
-    if ci.get("low") is None:
-        return f"{value:.3f}"
-    return f"{value:.3f} [{ci['low']:.2f}, {ci['high']:.2f}]"
-
-
 def _yes(flag: bool) -> str:
     return "yes" if flag else "**no**"
 
@@ -252,9 +243,9 @@ def format_table(summary: dict) -> str:
         cells = [cell for m in models for cell in (fn(ours["models"][m]), fn(base["models"][m]))]
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
 
-    row("accuracy [95% CI]", lambda r: _ci(r["metrics"], "accuracy"))
-    row("macro-F1 [95% CI]", lambda r: _ci(r["metrics"], "macro_f1"))
-    row("osteoporosis recall [95% CI]", lambda r: _ci(r["metrics"], "osteoporosis_recall"))
+    row("accuracy [95% CI]", lambda r: format_with_ci(r["metrics"], "accuracy", 2))
+    row("macro-F1 [95% CI]", lambda r: format_with_ci(r["metrics"], "macro_f1", 2))
+    row("osteoporosis recall [95% CI]", lambda r: format_with_ci(r["metrics"], "osteoporosis_recall", 2))
     row("weighted F1 (the notebook's figure)", lambda r: f"{r['metrics']['weighted_f1']:.3f}")
     row("epochs run / max", lambda r: f"{r['epochs_run']} / {r['max_epochs']}")
     row("training time (s)", lambda r: f"{r['train_s']:.0f}" if r.get("train_s") is not None else "n/a")

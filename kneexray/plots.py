@@ -96,13 +96,14 @@ def reliability_figure(eval_dir: Path, title: str, ece: float):
     return fig
 
 
-def _ci(entry: dict, name: str) -> str:
-    value, ci = entry[name], entry["ci95"].get(name, {})
+def format_with_ci(entry: dict, name: str, ci_digits: int = 3) -> str:
+    """'0.792 [0.667, 0.896]' from a metrics entry with a `ci95` mapping; 'n/a' when undefined."""
+    value, ci = entry.get(name), entry.get("ci95", {}).get(name, {})
     if value is None:
         return "n/a"
     if ci.get("low") is None:
         return f"{value:.3f}"
-    return f"{value:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]"
+    return f"{value:.3f} [{ci['low']:.{ci_digits}f}, {ci['high']:.{ci_digits}f}]"
 
 
 def _patient_line(table: dict) -> str:
@@ -131,8 +132,8 @@ def summary_markdown(metrics: dict, audit: dict, split: dict, figures: list[str]
     ]
     for m in models:
         e = metrics[m]
-        lines.append(f"| {MODEL_TITLES[m]} | {e['weights_source']} | {_ci(e, 'accuracy')} | {_ci(e, 'macro_f1')} | "
-                     f"{_ci(e, 'macro_auc')} | {e['balanced_accuracy']:.3f} | "
+        lines.append(f"| {MODEL_TITLES[m]} | {e['weights_source']} | {format_with_ci(e, 'accuracy')} | {format_with_ci(e, 'macro_f1')} | "
+                     f"{format_with_ci(e, 'macro_auc')} | {e['balanced_accuracy']:.3f} | "
                      + " | ".join(f"{e['recall'][c]:.3f}" for c in CLASSES) + f" | {e['ece']:.3f} |")
     if any(metrics[m]["weights_source"] == "random" for m in models):
         lines += ["", "**The ResNet50 ran without ImageNet weights (none could be loaded): its figures are those of "
