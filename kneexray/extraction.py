@@ -14,7 +14,7 @@ from kneexray.archive import ExtractLimits, extract_nested, find_class_dirs
 from kneexray.atomic import atomic_path, write_json
 from kneexray.audit_pairs import draw_pairs, flagged_pairs
 from kneexray.curation import curate
-from kneexray.patients import audit_patient_table
+from kneexray.patients import audit_patient_table, merge_patient_groups
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,12 @@ def extract_dataset(archive: str | Path, out_dir: str | Path, audit_path: str | 
                              keep_conflicts=cfg["keep_conflicts"])
             if curated.index.empty:
                 raise ValueError(f"{archive}: no usable images in the class folders")
+            audit = {**curated.audit, "patient_table": audit_patient_table(unpacked, curated.index)}
+            if audit["patient_table"].get("found"):
+                curated.index["group"] = merge_patient_groups(curated.index)
             curated.index["path"] = IMAGES_DIR + "/" + curated.index["path"]  # relative to out_dir
             curated.index.to_csv(tmp / INDEX_FILE, index=False)
             np.save(tmp / FINGERPRINTS_FILE, curated.fingerprints)
-            audit = {**curated.audit, "patient_table": audit_patient_table(unpacked, curated.index)}
             write_json(details_path, audit)
             write_json(audit_path, audit_counts(audit))
             if pairs_path is not None:

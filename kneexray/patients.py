@@ -11,6 +11,7 @@ import logging
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 log = logging.getLogger(__name__)
@@ -92,3 +93,18 @@ def audit_patient_table(root: str | Path, index: pd.DataFrame) -> dict:
     if result["label_disagreements"]:
         log.warning("%d image label(s) disagree with the patient table's T-score", result["label_disagreements"])
     return {"found": True, "file": path.name, **result}
+
+
+def merge_patient_groups(index: pd.DataFrame) -> np.ndarray:
+    """Group ids where all images of one patient (file stem = Patient Id) share a group.
+
+    Splits go by group, so a patient's images never sit on both sides of a split.
+    """
+    groups = index["group"].to_numpy().copy()
+    stems = index["source"].map(lambda s: Path(s).stem).to_numpy()
+    for stem in pd.unique(stems):
+        members = np.flatnonzero(stems == stem)
+        if len(members) > 1:
+            merged = np.isin(groups, groups[members])
+            groups[merged] = groups[members].min()
+    return groups

@@ -142,3 +142,16 @@ def test_table_without_the_needed_columns(tmp_path: Path) -> None:
     assert result["found"] is True and result["file"] == "other.csv"
     assert "no 'Patient Id' and 'T-score' columns" in result["error"]
     assert "Name" in result["error"]
+
+
+def test_images_of_one_patient_share_a_group():
+    from kneexray.patients import merge_patient_groups
+
+    index = pd.DataFrame({
+        "source": ["normal/P1.jpg", "osteopenia/P1.png", "osteopenia/P2.jpg", "osteoporosis/P3.jpg", "osteoporosis/P2.jpg"],
+        "group": [0, 1, 2, 3, 4],
+    })
+    groups = merge_patient_groups(index)
+    assert groups[0] == groups[1]  # P1 twice
+    assert groups[2] == groups[4]  # P2 twice
+    assert len({groups[0], groups[2], groups[3]}) == 3  # three patients, three groups
