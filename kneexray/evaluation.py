@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -109,9 +111,6 @@ def _evaluate_set(model, metadata, rows: pd.DataFrame, root: Path, params: dict,
 def evaluate_models(models: dict[str, str], *, test_csv: str | Path, data_root: str | Path, out_dir: str | Path,
                     metrics_path: str | Path, params: dict) -> dict:
     """Each model on the test split and, with evaluate.external_path, on an external set."""
-    import shutil
-    import tempfile
-
     from kneexray.training import load_model
 
     test_csv, data_root, out_dir = Path(test_csv), Path(data_root), Path(out_dir)
