@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import sys
 import time
 from typing import Callable
@@ -29,7 +30,9 @@ def run(main: Callable[[argparse.Namespace, dict], None], parser: argparse.Argum
     try:
         params = params_module.load(args.params)
         main(args, params)
-        log.info("done in %.1f s", time.perf_counter() - started)
+        # ru_maxrss is the kernel's high-water mark of this process, in KiB on Linux
+        log.info("done in %.1f s, peak memory %.0f MiB", time.perf_counter() - started,
+                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     except USER_ERRORS as err:
         log.debug("details", exc_info=True)
         print(f"error: {err}", file=sys.stderr)
