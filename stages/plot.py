@@ -1,8 +1,10 @@
-"""plot: PNG figures (training curves, confusion heatmaps, ROC, reliability) and a results summary."""
+"""plot: PNG figures (training curves, confusion heatmaps, ROC, reliability), a results summary and
+a self-contained HTML report."""
 
 import argparse
 
 from kneexray import stage
+from kneexray.html_report import write_report
 from kneexray.plots import make_figures
 
 
@@ -12,6 +14,8 @@ def main(args: argparse.Namespace, params: dict) -> None:
                            split_report=args.split_report, figures_dir=args.figures, summary_path=args.summary,
                            models=dict(item.split("=", 1) for item in args.model), data_root=args.data)
     stage.log.info("wrote %d figures and %s", len(written), args.summary)
+    if args.html:
+        write_report(args.html, args.summary, attachments={args.audit: args.audit, args.split_report: args.split_report})
 
 
 if __name__ == "__main__":
@@ -26,4 +30,5 @@ if __name__ == "__main__":
     parser.add_argument("--data", default=".", help="extract stage output folder (test image paths are relative to it)")
     parser.add_argument("--figures", required=True, help="folder for the PNGs")
     parser.add_argument("--summary", required=True, help="Markdown results summary to write")
+    parser.add_argument("--html", help="single-file HTML report to write (the summary, figures inlined)")
     stage.run(main, parser)
