@@ -140,6 +140,18 @@ def queue_status(repo: Path, env: dict) -> dict[str, str]:
     return status
 
 
+def wait_for_queue(repo: Path, env: dict, timeout_s: float = 24 * 3600, poll_s: float = 20) -> dict[str, str]:
+    """Block until no queued experiment is Queued or Running; returns name -> final status."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = queue_status(repo, env)
+        if not any(value in ("Queued", "Running") for value in status.values()):
+            return status
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"dvc queue still busy after {timeout_s:.0f} s: {status}")
+        time.sleep(poll_s)
+
+
 def run_queue(repo: Path, overrides: list[str], seeds: list[int], jobs: int, env: dict) -> dict[int, str]:
     """Queue one experiment per split seed, run the queue, wait for it; returns seed -> log."""
     names = {seed: f"split-seed-{seed}" for seed in seeds}
@@ -147,14 +159,10 @@ def run_queue(repo: Path, overrides: list[str], seeds: list[int], jobs: int, env
         subprocess.run(["dvc", "exp", "run", "--queue", "--name", name, *overrides, "-S", f"split.seed={seed}"],
                        cwd=repo, env=env, check=True, capture_output=True)
     subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=repo, env=env, check=True, capture_output=True)
-    while True:
-        status = queue_status(repo, env)
-        if all(status.get(name) in ("Success", "Failed") for name in names.values()):
-            break
-        time.sleep(20)
+    status = wait_for_queue(repo, env)
     logs = {seed: subprocess.run(["dvc", "queue", "logs", name], cwd=repo, env=env, capture_output=True,
                                  text=True).stdout for seed, name in names.items()}
-    failed = [name for name in names.values() if status[name] != "Success"]
+    failed = [name for name in names.values() if status.get(name) != "Success"]
     if failed:
         sys.exit(f"queued experiments failed: {failed}\n" + "\n".join(log[-3000:] for log in logs.values()))
     return logs

@@ -50,11 +50,9 @@ def run(cmd: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.fixture
-def project(tmp_path) -> Path:
-    """A fresh git + DVC repo holding the pipeline code and the tiny params, committed."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
+def make_project(repo: Path) -> Path:
+    """A fresh git + DVC repo at `repo` holding the pipeline code and the tiny params, committed."""
+    repo.mkdir(parents=True)
     for name in PROJECT_FILES:
         source = ROOT / name
         if source.is_dir():
@@ -70,3 +68,8 @@ def project(tmp_path) -> Path:
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "tiny pipeline"], repo)
     return repo
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    return make_project(tmp_path / "repo")

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Reproduce the pipeline as a DVC experiment and write a Markdown report of what it changed against BASE.
+#
+#   ci/exp_report.sh [BASE] [REPORT] [-- extra `dvc exp run` arguments, e.g. -S cnn.epochs=5]
+#
+# BASE defaults to main, REPORT to exp_report.md. The one script that .github/workflows/experiment.yml
+# runs, so a pull request gets the same report a person gets locally; tests/test_dvc_scaling.py runs it.
+set -euo pipefail
+base="${1:-main}"
+report="${2:-exp_report.md}"
+shift $(($# < 2 ? $# : 2))
+if [ "${1:-}" = "--" ]; then shift; fi
+
+dvc exp run "$@"
+
+section() {  # a heading, then the command's Markdown table, or a line saying nothing changed
+    local table
+    table="$("${@:2}")"
+    printf '### %s\n\n%s\n\n' "$1" "${table:-No change.}"
+}
+
+tmp="$(mktemp "$report.XXXXXX")"  # written beside the report, then renamed: never half a report
+trap 'rm -f "$tmp"' EXIT
+{
+    printf '## kneexray: this experiment against `%s`\n\n' "$base"
+    section "Metrics" dvc metrics diff "$base" --md
+    section "Params" dvc params diff "$base" --md
+} >"$tmp"
+mv "$tmp" "$report"
+echo "wrote $report"
