@@ -59,18 +59,21 @@ def build_augmenter(augment: dict, seed: int) -> tf.keras.Sequential | None:
     """Keras preprocessing layers for training batches only (validation/test are never augmented)."""
     import keras
 
+    # float32 whatever the mixed-precision policy: pixel values up to 255 lose steps in bfloat16/float16,
+    # and the augmentation runs in tf.data on the CPU, outside the model.
+    f32 = {"dtype": "float32"}
     layers = []
     if augment["horizontal_flip"]:
-        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+        layers.append(keras.layers.RandomFlip("horizontal", seed=seed, **f32))
     if augment["rotation_deg"] > 0:
-        layers.append(keras.layers.RandomRotation(augment["rotation_deg"] / 360.0, fill_mode="constant", seed=seed + 1))
+        layers.append(keras.layers.RandomRotation(augment["rotation_deg"] / 360.0, fill_mode="constant", seed=seed + 1, **f32))
     if augment["shift"] > 0:
-        layers.append(keras.layers.RandomTranslation(augment["shift"], augment["shift"], fill_mode="constant", seed=seed + 2))
+        layers.append(keras.layers.RandomTranslation(augment["shift"], augment["shift"], fill_mode="constant", seed=seed + 2, **f32))
     if augment["zoom"] > 0:
-        layers.append(keras.layers.RandomZoom(augment["zoom"], fill_mode="constant", seed=seed + 3))
+        layers.append(keras.layers.RandomZoom(augment["zoom"], fill_mode="constant", seed=seed + 3, **f32))
     low, high = augment["brightness"]
     if (low, high) != (1.0, 1.0):
-        layers.append(RandomScaleBrightness(low, high, seed=seed + 4))
+        layers.append(RandomScaleBrightness(low, high, seed=seed + 4, **f32))
     return keras.Sequential(layers, name="augment") if layers else None
 
 

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ def configure_devices(train_cfg: dict) -> None:
         try:
             tf.config.threading.set_intra_op_parallelism_threads(train_cfg["threads"])
             tf.config.threading.set_inter_op_parallelism_threads(train_cfg["threads"])
+            log.info("limited to %d TensorFlow thread(s) per pool (train.threads)", train_cfg["threads"])
         except RuntimeError:  # TensorFlow already started in this process (tests); stages start fresh
             log.warning("train.threads ignored: TensorFlow was already initialised in this process")
     gpus = tf.config.list_physical_devices("GPU")
@@ -133,6 +135,27 @@ class _LiveCallback(DVCLiveCallback):
         pass
 
 
+class _EpochTimer(keras.callbacks.Callback):
+    """Logs each epoch's training time and throughput (validation excluded): the figure that
+    bench/gpu_check.py reads, and what a user watches when choosing batch size or precision."""
+
+    def __init__(self, train_images: int):
+        super().__init__()
+        self.train_images = train_images
+        self.started = self.stopped = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started, self.stopped = time.perf_counter(), None
+
+    def on_test_begin(self, logs=None):  # validation starts: training for this epoch is over
+        if self.started is not None and self.stopped is None:
+            self.stopped = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = (self.stopped or time.perf_counter()) - self.started
+        log.info("epoch %d: %.2f s, %.1f train images/s", epoch, seconds, self.train_images / seconds)
+
+
 def _work_around_keras_multi_worker(model: keras.Model, dataset: tf.data.Dataset) -> None:
     """Two bugs of Keras 3's TensorFlow trainer (3.15 included) under MultiWorkerMirroredStrategy
     (keras-team/keras#20585), worked around here so that fit() runs; no effect on other strategies:
@@ -212,7 +235,7 @@ def train(kind: str, params: dict, *, split_dir: str | Path, data_root: str | Pa
         return keras.callbacks.EarlyStopping(monitor="val_loss", patience=train_cfg["patience"],
                                              restore_best_weights=True)
 
-    before, after = [], []
+    before, after = [], [_EpochTimer(len(y_train))]
     if train_cfg["resume"] and backup_dir is not None:
         if not chief:  # each worker backs up its own state; on a shared disk they must not share one folder
             backup_dir = f"{backup_dir}.{strategy.cluster_resolver.task_type}{strategy.cluster_resolver.task_id}"
