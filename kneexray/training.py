@@ -289,10 +289,43 @@ def save_model(model: keras.Model, metadata: dict, path: str | Path) -> None:
     log.info("not the chief: %s is left to the chief to write", path)
 
 
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def _renumber_shared_objects(config):
+    """Keras names objects shared between layers (the dtype policy) by their Python id(), which
+    changes with every process; only equality matters on loading, so number them 0, 1, ... instead."""
+    numbers: dict[int, int] = {}
+
+    def walk(node):
+        if isinstance(node, dict):
+            return {key: numbers.setdefault(value, len(numbers)) if key == "shared_object_id" else walk(value)
+                    for key, value in node.items()}
+        if isinstance(node, list):
+            return [walk(value) for value in node]
+        return node
+
+    return walk(config)
+
+
 def _write_model(model: keras.Model, metadata: dict, path: Path) -> None:
+    """model.save, then the archive rewritten byte-stable: Keras stamps the save date into
+    metadata.json and the clock time onto the weights entry, so identical weights would get a new
+    md5 in dvc.lock on every `dvc repro -f`."""
     model.save(path)
-    with zipfile.ZipFile(path, "a") as archive:
-        archive.writestr(META_ENTRY, json.dumps(metadata, indent=2, sort_keys=True))
+    with zipfile.ZipFile(path) as archive:
+        entries = [(info, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w") as archive:
+        for info, data in entries:
+            if info.filename == "metadata.json":
+                keras_meta = json.loads(data)
+                keras_meta.pop("date_saved", None)
+                data = json.dumps(keras_meta).encode()
+            elif info.filename == "config.json":
+                data = json.dumps(_renumber_shared_objects(json.loads(data))).encode()
+            archive.writestr(zipfile.ZipInfo(info.filename, date_time=_ZIP_EPOCH), data, compress_type=info.compress_type)
+        archive.writestr(zipfile.ZipInfo(META_ENTRY, date_time=_ZIP_EPOCH),
+                         json.dumps(metadata, indent=2, sort_keys=True), compress_type=zipfile.ZIP_DEFLATED)
 
 
 def read_metadata(path: str | Path) -> dict:

@@ -80,14 +80,22 @@ def test_resume_continues_from_the_last_finished_epoch(project):
     assert not (project / ".kneexray_backup/cnn").exists()  # removed once training completed
 
 
+def _output_hashes(project) -> dict[str, str]:
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
+
+
 def test_repro_twice_gives_identical_metrics_and_weights(project):
     from kneexray.training import load_model
 
     run(["dvc", "repro"], project)
     first_metrics = (project / "reports/metrics.json").read_bytes()
     first = {m: load_model(project / f"models/{m}.keras")[0].get_weights() for m in ("cnn", "resnet")}
+    first_lock = _output_hashes(project)
     run(["dvc", "repro", "-f"], project)
     assert (project / "reports/metrics.json").read_bytes() == first_metrics
+    # every output has the same md5, the model files included: nothing for git or DVC to see
+    assert _output_hashes(project) == first_lock
     for m in ("cnn", "resnet"):
         second = load_model(project / f"models/{m}.keras")[0].get_weights()
         assert len(second) == len(first[m])

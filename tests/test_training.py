@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import keras
@@ -49,6 +50,11 @@ def test_cnn_trains_saves_metadata_and_reloads(tiny, tiny_split, tmp_path):
     np.testing.assert_allclose(model.predict(x, verbose=0), result.model.predict(x, verbose=0), atol=1e-6)
     assert (tmp_path / "live_cnn" / "plots" / "metrics" / "eval" / "loss.tsv").is_file()
     assert not list(tmp_path.glob(".cnn.keras*"))  # no temporary file left beside the model
+
+    # saving the same model again, a few seconds later, gives the same bytes (a stable md5 in dvc.lock)
+    time.sleep(2.1)  # the zip clock has 2-second steps
+    save_model(result.model, result.metadata, tmp_path / "again.keras")
+    assert (tmp_path / "again.keras").read_bytes() == path.read_bytes()
 
 
 def test_training_is_deterministic(tiny, tiny_split, tmp_path):
