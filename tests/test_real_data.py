@@ -1,0 +1,51 @@
+"""Opt-in: the extract and split stages on the real knee X-rays in ../shared/data (never copied here).
+
+Pins the audit the README reports: the published archive's copies and label conflicts are found,
+and the seed-42 split is the one the real-data figures were measured on. Skipped where the data is
+absent (`pytest -m realdata` selects only these).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import ROOT
+
+from kneexray.extraction import FINGERPRINTS_FILE, INDEX_FILE, extract_dataset
+from kneexray.splitting import check_leakage, split_counts, split_index
+
+sys.path.insert(0, str(ROOT / "bench"))
+import real_data  # noqa: E402  (packs the folder as the published nested ZIP)
+
+REAL = ROOT.parent / "shared" / "data" / "knee-xray-mendeley"
+pytestmark = [pytest.mark.realdata,
+              pytest.mark.skipif(not (REAL / "normal").is_dir(), reason=f"real data not at {REAL}")]
+
+
+def test_extract_and_split_on_the_real_archive(tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    archive = tmp_path / "dataset.zip"
+    real_data.pack_nested_zip(REAL, archive)
+    out = tmp_path / "extracted"
+    audit = extract_dataset(archive, out, tmp_path / "audit.json", tmp_path / "details.json", params["extract"])
+
+    assert audit["files_seen"] == 239 and audit["unreadable"] == 0
+    assert audit["exact_copy_files_removed"] == 15  # same-class byte copies, kept once
+    assert audit["label_conflicts"] == 7  # one radiograph under two classes: dropped
+    assert audit["images_per_class"] == {"normal": 30, "osteopenia": 137, "osteoporosis": 43}
+    table = audit["patient_table"]
+    assert table["found"] and table["images_matched"] == 210 and table["label_disagreements"] == 0
+
+    index = pd.read_csv(out / INDEX_FILE)
+    cfg = params["split"]
+    splits = split_index(index, test_ratio=cfg["test_ratio"], val_ratio=cfg["val_ratio"], seed=cfg["seed"],
+                         group_near_duplicates=cfg["group_near_duplicates"])
+    check_leakage(splits, index, np.load(out / FINGERPRINTS_FILE), params["extract"]["near_duplicate_distance"])
+    assert split_counts(splits) == {"train": {"normal": 21, "osteopenia": 99, "osteoporosis": 31},
+                                    "val": {"normal": 3, "osteopenia": 10, "osteoporosis": 4},
+                                    "test": {"normal": 6, "osteopenia": 28, "osteoporosis": 8}}
