@@ -1,4 +1,5 @@
-"""Atomic file output: readers see the old file or the complete new one, never half of one."""
+"""Atomic file output: readers see the old file or the complete new one, never half of one.
+Also the one way to write a ZIP entry whose bytes don't depend on the clock."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Iterator
 
@@ -48,3 +50,14 @@ def write_text(target: str | os.PathLike, text: str) -> None:
 
 def write_json(target: str | os.PathLike, obj) -> None:
     write_text(target, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest date a ZIP entry can carry
+
+
+def stable_zip_entry(name: str, compress_type: int = zipfile.ZIP_DEFLATED) -> zipfile.ZipInfo:
+    """A ZIP entry with a fixed date and mode: the same content gives the same archive bytes."""
+    info = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
+    info.compress_type = compress_type
+    info.external_attr = 0o644 << 16
+    return info

@@ -26,14 +26,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from kneexray import CLASSES
-from kneexray.atomic import atomic_path
+from kneexray.atomic import atomic_path, stable_zip_entry
 
 log = logging.getLogger(__name__)
 
 INNER_ZIP = "Knee-X-ray.zip"
 INNER_ROOT = "Knee-X-ray"
 PREFIXES = {"normal": "N", "osteopenia": "OP", "osteoporosis": "OS"}
-_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 # Class centres on the BMD axis; `difficulty` pulls them together and widens the spread.
 _BMD_CENTRE = {"normal": 0.9, "osteopenia": 0.5, "osteoporosis": 0.1}
@@ -277,13 +276,6 @@ def phantom_labels(n_images: int, class_fractions: dict[str, float], seed: int) 
     return [str(label) for label in np.random.default_rng(seed).permutation(labels)]
 
 
-def _zip_entry(name: str) -> zipfile.ZipInfo:
-    info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
-    info.compress_type = zipfile.ZIP_DEFLATED
-    info.external_attr = 0o644 << 16
-    return info
-
-
 def write_phantom_archive(path: str | os.PathLike, *, n_images: int, class_fractions: dict[str, float], size: int,
                           difficulty: float, seed: int, progress: bool = False) -> dict[str, int]:
     """Write a phantom dataset packed like the published one and return the image count per class.
@@ -311,8 +303,8 @@ def write_phantom_archive(path: str | os.PathLike, *, n_images: int, class_fract
     with zipfile.ZipFile(inner, "w") as archive:
         for label, number in sorted(images, key=lambda key: (CLASSES.index(key[0]), key[1])):
             name = f"{INNER_ROOT}/{label}/{PREFIXES[label]}{number}.jpg"
-            archive.writestr(_zip_entry(name), images[label, number])
+            archive.writestr(stable_zip_entry(name), images[label, number])
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as archive:
-        archive.writestr(_zip_entry(INNER_ZIP), inner.getvalue())
+        archive.writestr(stable_zip_entry(INNER_ZIP), inner.getvalue())
     log.info("wrote %d phantom images to %s: %s", n_images, path, counts)
     return counts

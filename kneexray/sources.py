@@ -10,7 +10,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from kneexray.atomic import atomic_path
+from kneexray.atomic import atomic_path, stable_zip_entry
 from kneexray.download import DownloadError, download, sha256_file
 from kneexray.phantom import write_phantom_archive
 
@@ -22,8 +22,7 @@ def _pack_folder(folder: Path, out_zip: Path) -> None:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
     with atomic_path(out_zip) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
         for path in files:
-            info = zipfile.ZipInfo(path.relative_to(folder).as_posix(), date_time=(1980, 1, 1, 0, 0, 0))
-            archive.writestr(info, path.read_bytes())
+            archive.writestr(stable_zip_entry(path.relative_to(folder).as_posix(), zipfile.ZIP_STORED), path.read_bytes())
 
 
 def _copy_zip(source: Path, out_zip: Path, sha256: str) -> None:

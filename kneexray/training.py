@@ -20,7 +20,7 @@ from dvclive.keras import DVCLiveCallback
 from sklearn.utils.class_weight import compute_class_weight
 
 from kneexray import CLASSES, __version__
-from kneexray.atomic import atomic_path
+from kneexray.atomic import atomic_path, stable_zip_entry
 from kneexray.inputs import build_augmenter, label_indices, load_images, make_dataset, read_split
 from kneexray.models import build_cnn, build_resnet, resnet_base, unfreeze_top
 
@@ -289,9 +289,6 @@ def save_model(model: keras.Model, metadata: dict, path: str | Path) -> None:
     log.info("not the chief: %s is left to the chief to write", path)
 
 
-_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
-
-
 def _renumber_shared_objects(config):
     """Keras names objects shared between layers (the dtype policy) by their Python id(), which
     changes with every process; only equality matters on loading, so number them 0, 1, ... instead."""
@@ -323,9 +320,8 @@ def _write_model(model: keras.Model, metadata: dict, path: Path) -> None:
                 data = json.dumps(keras_meta).encode()
             elif info.filename == "config.json":
                 data = json.dumps(_renumber_shared_objects(json.loads(data))).encode()
-            archive.writestr(zipfile.ZipInfo(info.filename, date_time=_ZIP_EPOCH), data, compress_type=info.compress_type)
-        archive.writestr(zipfile.ZipInfo(META_ENTRY, date_time=_ZIP_EPOCH),
-                         json.dumps(metadata, indent=2, sort_keys=True), compress_type=zipfile.ZIP_DEFLATED)
+            archive.writestr(stable_zip_entry(info.filename, info.compress_type), data)
+        archive.writestr(stable_zip_entry(META_ENTRY), json.dumps(metadata, indent=2, sort_keys=True))
 
 
 def read_metadata(path: str | Path) -> dict:

@@ -39,12 +39,16 @@ def tiny():
     return tiny_params()
 
 
+def tool_env() -> dict:
+    """The environment for `dvc` and the stage scripts: the venv's bin first, so `dvc` and the
+    `python` in dvc.yaml's commands are the project's."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, "TF_CPP_MIN_LOG_LEVEL": "2", "DVC_NO_ANALYTICS": "1"}
+
+
 def run(cmd: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
     """Run a command, failing the test with its output if it fails."""
-    # The venv's bin first: `dvc` and the `python` in dvc.yaml's commands are the project's.
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "PATH": path, "TF_CPP_MIN_LOG_LEVEL": "2", "DVC_NO_ANALYTICS": "1"}
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
+    result = subprocess.run(cmd, cwd=cwd, env=tool_env(), capture_output=True, text=True, **kwargs)
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result

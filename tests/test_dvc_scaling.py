@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, make_project, run
+from conftest import ROOT, make_project, run, tool_env
 
 sys.path.insert(0, str(ROOT / "bench"))
 import real_data  # noqa: E402  (the queue helpers the real-data benchmark uses)
@@ -68,18 +68,13 @@ def _experiments(shown: list) -> dict[str, dict]:
     return found
 
 
-def _env() -> dict:
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            "TF_CPP_MIN_LOG_LEVEL": "2", "DVC_NO_ANALYTICS": "1"}
-
-
 def test_queued_grid_runs_two_experiments_in_parallel_and_exp_show_compares_them(repo):
     before = {name: _digest(repo / name) for name in OUTPUTS}
     queued = run(["dvc", "exp", "run", "--queue", "-S", "cnn.learning_rate=0.001,0.0003", "-S", "train.threads=1"], repo)
     assert queued.stdout.count("Queued experiment") == 2, queued.stdout
     run(["dvc", "queue", "start", "-j", "2"], repo)
     try:
-        status = real_data.wait_for_queue(repo, _env(), timeout_s=900, poll_s=3)
+        status = real_data.wait_for_queue(repo, tool_env(), timeout_s=900, poll_s=3)
     finally:
         run(["dvc", "queue", "stop"], repo)
     assert sorted(status.values()) == ["Success", "Success"], status

@@ -137,7 +137,7 @@ def test_a_failure_while_writing_leaves_the_target_untouched(tmp_path: Path, mon
     target = tmp_path / "phantom.zip"
     if existing:
         target.write_bytes(b"previous archive")
-    real_render, real_entry = phantom.render_knee, phantom._zip_entry
+    real_render, real_entry = phantom.render_knee, phantom.stable_zip_entry
     calls = []
 
     def failing_render(*args, **kwargs) -> Image.Image:
@@ -154,7 +154,7 @@ def test_a_failure_while_writing_leaves_the_target_untouched(tmp_path: Path, mon
     if stage == "render":
         monkeypatch.setattr(phantom, "render_knee", failing_render)
     else:
-        monkeypatch.setattr(phantom, "_zip_entry", failing_entry)
+        monkeypatch.setattr(phantom, "stable_zip_entry", failing_entry)
     with pytest.raises(RuntimeError, match="crashed"):
         write_phantom_archive(target, **SMALL)
     assert list(tmp_path.iterdir()) == ([target] if existing else [])
