@@ -321,7 +321,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="smoke tests: a stratified subset of about N images (copied to /tmp); "
                                                   "also sets split.val_ratio=0.25 for ours unless --set gives it")
     parser.add_argument("--epochs", type=int, help="smoke tests: this many epochs for every model, both methods")
-    parser.add_argument("--image-size", type=int, help="both methods (default: params.yaml image.size, 224)")
+    parser.add_argument("--image-size", type=int, help="both methods, both models (default: params.yaml cnn.image_size)")
     parser.add_argument("--set", action="append", default=[], help="extra `dvc exp run -S` overrides for ours")
     parser.add_argument("--seed", type=int, default=42, help="subset and baseline seed (default 42)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "baseline_comparison.json"))
@@ -333,14 +333,14 @@ def main() -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     overrides = []
     if args.image_size:
-        overrides.append(f"image.size={args.image_size}")
+        overrides += [f"cnn.image_size={args.image_size}", f"resnet.image_size={args.image_size}"]
     if args.epochs:
         overrides += [f"cnn.epochs={args.epochs}", f"resnet.epochs={args.epochs}"]
     if args.limit and not any(s.startswith("split.val_ratio=") for s in args.set):
         overrides.append("split.val_ratio=0.25")  # a class of ~10 images can't be cut into 10 validation folds
     overrides += args.set
     # what ours will use (params.yaml, then the overrides); the baseline gets the same image size
-    size = override_value(overrides, "image.size", params["image"]["size"])
+    size = override_value(overrides, "cnn.image_size", params["cnn"]["image_size"])
     max_epochs = {m: override_value(overrides, f"{m}.epochs", params[m]["epochs"]) for m in MODELS}
     resamples = override_value(overrides, "evaluate.bootstrap_resamples", params["evaluate"]["bootstrap_resamples"])
     boot_seed = override_value(overrides, "evaluate.seed", params["evaluate"]["seed"])

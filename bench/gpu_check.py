@@ -59,8 +59,11 @@ def check_params(args: argparse.Namespace, policy: str) -> dict:
     # Only speed is measured: balanced classes let a small check split too. The phantom is drawn at its
     # own size (256 px) and resized by the training input.
     params["phantom"].update(n_images=args.images, class_fractions={label: 1 / 3 for label in params["phantom"]["class_fractions"]})
-    params["image"].update(size=args.size, batch_size=args.batch)
-    params["train"].update(mixed_precision=policy, jit_compile=args.jit, patience=args.epochs, strategy="auto")
+    params["image"].update(batch_size=args.batch)
+    params["cnn"].update(image_size=args.size)
+    params["resnet"].update(image_size=args.size)
+    params["train"].update(mixed_precision=policy, jit_compile=args.jit, patience=args.epochs, strategy="auto",
+                           folds=1, min_epochs=args.epochs)  # one model, every epoch: throughput only
     for model in ("cnn", "resnet"):
         params[model]["epochs"] = args.epochs
     params["resnet"]["fine_tune_layers"] = 0

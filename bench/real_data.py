@@ -6,10 +6,13 @@ It packs ../shared/data/knee-xray-mendeley as the published nested ZIP, serves i
 `dvc queue start`, so fetch, extract, split, both trainings, evaluate and plot all run on real data.
 The data is read from its shared path and never copied into the project.
 
-    python bench/real_data.py [--seeds 42,1,2,3,4] [--jobs 1] [--set key=value ...]
+    python bench/real_data.py [--seeds 42,1,2,3,4] [--train-seeds 42,7] [--jobs 1] [--set key=value ...]
 
-One 42-image test split is noisy, so each model's accuracy, macro-F1, macro-AUC and osteoporosis
-recall are reported per seed and as mean, sample SD, min and max across seeds. The run with the first
+One 42-image test split is noisy, and so is one training run, so every split seed is run with every
+training seed (`-S train.seed=T`). Each model's accuracy, macro-F1, macro-AUC and osteoporosis recall
+are reported per run and as mean, sample SD, min and max across runs, with how many runs predict one
+class only (no skill), beat chance (the evaluate stage's random predictor at the training class
+frequencies) and beat the thumbnail logistic regression scored on the same test images. The run with the first
 seed (params.yaml's default, 42) is reported in full: data audit, per-class counts of each split,
 per-stage wall time and peak memory (each stage logs its own `ru_maxrss`), metrics with 95% CIs, and
 a check against size/colour-mode shortcuts.
@@ -97,10 +100,35 @@ SEED_METRICS = ("accuracy", "macro_f1", "macro_auc", "osteoporosis_recall")
 
 
 def seed_metrics(metrics: dict) -> dict[str, dict[str, float]]:
-    """The per-model figures compared across split seeds."""
-    return {model: {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "macro_auc": m["macro_auc"],
-                    "osteoporosis_recall": m["recall"]["osteoporosis"]}
-            for model, m in metrics.items() if isinstance(m, dict) and "macro_f1" in m}
+    """The per-model figures compared across runs, the baselines among them."""
+    models = {model: m for model, m in metrics.items() if isinstance(m, dict) and "recall" in m}
+    models.update({f"baseline_{name}": m for name, m in metrics.get("baselines", {}).items() if name != "chance"})
+    out = {model: {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "macro_auc": m["macro_auc"],
+                   "osteoporosis_recall": m["recall"]["osteoporosis"]} for model, m in models.items()}
+    for model, m in models.items():
+        out[model]["no_skill"] = float(m.get("no_skill", max(m["recall"].values()) == 1.0 and sum(m["recall"].values()) == 1.0))
+        if "vs_best_baseline" in m:
+            out[model]["paired_ci_low"] = m["vs_best_baseline"]["low"]
+    if "chance" in metrics.get("baselines", {}):
+        out["chance"] = {"macro_f1": metrics["baselines"]["chance"]["macro_f1"]}
+    return out
+
+
+def run_counts(per_run: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, int]]:
+    """Per model: runs with no skill, above chance, above the thumbnail baseline, and with a paired
+    CI against the best baseline that lies wholly above zero."""
+    out = {}
+    for model in ("cnn", "resnet"):
+        runs = [r for r in per_run.values() if model in r]
+        out[model] = {
+            "runs": len(runs),
+            "no_skill": sum(int(r[model]["no_skill"]) for r in runs),
+            "above_chance": sum(r[model]["macro_f1"] > r["chance"]["macro_f1"] for r in runs if "chance" in r),
+            "above_thumbnail_baseline": sum(r[model]["macro_f1"] > r["baseline_thumbnail_logistic"]["macro_f1"]
+                                            for r in runs if "baseline_thumbnail_logistic" in r),
+            "paired_ci_above_best_baseline": sum(r[model].get("paired_ci_low", -1) > 0 for r in runs),
+        }
+    return out
 
 
 def spread_across_seeds(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dict[str, dict]]:
@@ -112,7 +140,10 @@ def spread_across_seeds(per_seed: dict[int, dict[str, dict[str, float]]]) -> dic
     for model in models:
         out[model] = {}
         for name in SEED_METRICS:
-            values = np.array([figures[model][name] for figures in per_seed.values() if model in figures], float)
+            values = np.array([figures[model][name] for figures in per_seed.values() if name in figures.get(model, {})],
+                              float)
+            if not len(values):
+                continue
             out[model][name] = {"mean": round(float(values.mean()), 3),
                                 "sd": round(float(values.std(ddof=1)), 3) if len(values) > 1 else None,
                                 "min": round(float(values.min()), 3), "max": round(float(values.max()), 3),
@@ -123,10 +154,10 @@ def spread_across_seeds(per_seed: dict[int, dict[str, dict[str, float]]]) -> dic
 def seeds_table(spread: dict[str, dict[str, dict]]) -> str:
     lines = ["| model | " + " | ".join(SEED_METRICS) + " |", "|---|" + "---|" * len(SEED_METRICS)]
     for model, figures in spread.items():
-        cells = [f"{f['mean']:.3f} ± {f['sd']:.3f} [{f['min']:.3f}, {f['max']:.3f}]" if f["sd"] is not None
-                 else f"{f['mean']:.3f}" for f in (figures[name] for name in SEED_METRICS)]
+        cells = ["" if f is None else f"{f['mean']:.3f} ± {f['sd']:.3f} [{f['min']:.3f}, {f['max']:.3f}]"
+                 if f["sd"] is not None else f"{f['mean']:.3f}" for f in (figures.get(name) for name in SEED_METRICS)]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n(mean ± sample SD [min, max] over split seeds)\n"
+    return "\n".join(lines) + "\n\n(mean ± sample SD [min, max] over runs: split seeds x training seeds)\n"
 
 
 def queue_status(repo: Path, env: dict) -> dict[str, str]:
@@ -152,16 +183,16 @@ def wait_for_queue(repo: Path, env: dict, timeout_s: float = 24 * 3600, poll_s: 
         time.sleep(poll_s)
 
 
-def run_queue(repo: Path, overrides: list[str], seeds: list[int], jobs: int, env: dict) -> dict[int, str]:
-    """Queue one experiment per split seed, run the queue, wait for it; returns seed -> log."""
-    names = {seed: f"split-seed-{seed}" for seed in seeds}
-    for seed, name in names.items():
-        subprocess.run(["dvc", "exp", "run", "--queue", "--name", name, *overrides, "-S", f"split.seed={seed}"],
-                       cwd=repo, env=env, check=True, capture_output=True)
+def run_queue(repo: Path, overrides: list[str], runs: list[tuple[int, int]], jobs: int, env: dict) -> dict[str, str]:
+    """Queue one experiment per (split seed, training seed), run the queue, wait; returns name -> log."""
+    names = {run: f"split-{run[0]}-train-{run[1]}" for run in runs}
+    for (split_seed, train_seed), name in names.items():
+        subprocess.run(["dvc", "exp", "run", "--queue", "--name", name, *overrides, "-S", f"split.seed={split_seed}",
+                        "-S", f"train.seed={train_seed}"], cwd=repo, env=env, check=True, capture_output=True)
     subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=repo, env=env, check=True, capture_output=True)
     status = wait_for_queue(repo, env)
-    logs = {seed: subprocess.run(["dvc", "queue", "logs", name], cwd=repo, env=env, capture_output=True,
-                                 text=True).stdout for seed, name in names.items()}
+    logs = {name: subprocess.run(["dvc", "queue", "logs", name], cwd=repo, env=env, capture_output=True,
+                                 text=True).stdout for name in names.values()}
     failed = [name for name in names.values() if status.get(name) != "Success"]
     if failed:
         sys.exit(f"queued experiments failed: {failed}\n" + "\n".join(log[-3000:] for log in logs.values()))
@@ -172,6 +203,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/knee-xray-mendeley"))
     parser.add_argument("--seeds", default="42,1,2,3,4", help="split seeds, comma-separated; the first is reported in full")
+    parser.add_argument("--train-seeds", default="42,7", help="training seeds (train.seed), comma-separated")
     parser.add_argument("--jobs", type=int, default=1, help="`dvc queue start -j` (2 cores: 1 is fastest)")
     parser.add_argument("--set", action="append", default=[], help="extra `dvc exp run -S` overrides")
     args = parser.parse_args()
@@ -179,6 +211,7 @@ def main() -> None:
     if not (data / "normal").is_dir():
         sys.exit(f"error: {data} does not hold the real dataset (normal/, osteopenia/, osteoporosis/)")
     seeds = [int(seed) for seed in args.seeds.split(",")]
+    runs = [(s, t) for s in seeds for t in (int(seed) for seed in args.train_seeds.split(","))]
 
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -193,21 +226,20 @@ def main() -> None:
         for item in args.set:
             overrides += ["-S", item]
         started = time.perf_counter()
-        logs = run_queue(repo, overrides, seeds, args.jobs, env)
+        logs = run_queue(repo, overrides, runs, args.jobs, env)
         wall = time.perf_counter() - started
         server.shutdown()
 
         per_seed, first = {}, None
-        for seed in seeds:
+        for name in logs:
             # the experiment's outputs into the workspace, so the shortcut check can read its split
-            subprocess.run(["dvc", "exp", "apply", f"split-seed-{seed}"], cwd=repo, env=env, check=True,
-                           capture_output=True)
-            read = lambda name: json.loads((repo / "reports" / name).read_text())  # noqa: E731
-            per_seed[seed] = seed_metrics(read("metrics.json"))
+            subprocess.run(["dvc", "exp", "apply", name], cwd=repo, env=env, check=True, capture_output=True)
+            read = lambda file: json.loads((repo / "reports" / file).read_text())  # noqa: E731
+            per_seed[name] = seed_metrics(read("metrics.json"))
             if first is None:
                 first = {
-                    "seed": seed,
-                    "stages": stage_stats(logs[seed]),
+                    "run": name,
+                    "stages": stage_stats(logs[name]),
                     "audit": read("data_audit.json"),
                     "split": read("split.json"),
                     "metrics": read("metrics.json"),
@@ -216,13 +248,15 @@ def main() -> None:
                 }
         spread = spread_across_seeds(per_seed)
         summary = {
-            "command": "dvc exp run --queue " + " ".join(overrides) + " -S split.seed=S; dvc queue start -j "
-                       + str(args.jobs),
+            "command": "dvc exp run --queue " + " ".join(overrides) + " -S split.seed=S -S train.seed=T; "
+                       "dvc queue start -j " + str(args.jobs),
             "seeds": seeds,
+            "train_seeds": args.train_seeds,
             "queue_wall_s": round(wall, 1),
             "first_seed_run": first,
-            "per_seed": per_seed,
-            "per_seed_stages": {seed: stage_stats(log) for seed, log in logs.items()},
+            "per_run": per_seed,
+            "per_run_stages": {name: stage_stats(log) for name, log in logs.items()},
+            "run_counts": run_counts(per_seed),
             "across_seeds": spread,
             "across_seeds_table": seeds_table(spread),
         }
@@ -232,6 +266,7 @@ def main() -> None:
     print(json.dumps({k: v for k, v in summary.items() if k != "first_seed_run"}, indent=2))
     print(first["results_table"])
     print(summary["across_seeds_table"])
+    print(json.dumps(summary["run_counts"], indent=2))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Command line: `python -m kneexray predict PATH... --model MODEL`.
+"""Command line: `kneexray predict PATH... --model MODEL` (the console script that `pip install .`
+makes), or `python -m kneexray predict ...` from a checkout. `kneexray --version` prints the version.
+Global options (-v) go before or after the command.
 
 Exit status: 0 when at least one file was classified, 1 when none was or on an error (one line
 on stderr), 2 on a usage error.
@@ -15,6 +17,7 @@ from pathlib import Path
 # Before TensorFlow is imported: no C++ info chatter around the results.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from kneexray import __version__  # noqa: E402
 from kneexray.stage import USER_ERRORS  # noqa: E402
 
 log = logging.getLogger("kneexray")
@@ -27,9 +30,25 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m kneexray", description="Knee X-ray osteoporosis classifier.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and error details")
+def _add_global_options(parser: argparse.ArgumentParser, *, on_command: bool) -> None:
+    """-v and --version, on the main parser and on each command's, so `kneexray predict -v ...` works.
+
+    On a command's parser -v defaults to SUPPRESS: argparse copies a subparser's defaults over the
+    main parser's values, which would turn `kneexray -v predict ...` back into not verbose.
+    """
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS if on_command else False,
+                        help="log progress and error details")
+    parser.add_argument("--version", action="version", version=f"kneexray {__version__}")
+
+
+def _default_prog() -> str:
+    """The name usage messages give: `python -m kneexray` when run that way, else `kneexray`."""
+    return "python -m kneexray" if sys.argv and Path(sys.argv[0]).name == "__main__.py" else "kneexray"
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog or _default_prog(), description="Knee X-ray osteoporosis classifier.")
+    _add_global_options(parser, on_command=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     predict = commands.add_parser(
@@ -42,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--json", type=Path, metavar="FILE", help="write the predictions as JSON")
     predict.add_argument("--explain", type=Path, metavar="OUTDIR", help="write a Grad-CAM PNG per image here")
     predict.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="default: 32")
+    _add_global_options(predict, on_command=True)
     predict.set_defaults(handler=_predict)
     return parser
 
@@ -65,6 +85,11 @@ def format_table(rows: list[dict]) -> str:
 def _predict(args: argparse.Namespace) -> int:
     if not args.model.is_file():  # said before TensorFlow takes seconds to load
         raise FileNotFoundError(f"{args.model}: no such model file")
+    from kneexray.atomic import check_file_target
+
+    for option, target in (("--csv", args.csv), ("--json", args.json)):
+        if target is not None:  # a file output onto a folder: refused before any work, nothing lost
+            check_file_target(target, option)
     from kneexray.predict import predict_files, write_csv, write_json  # TensorFlow: not for --help or usage errors
 
     rows = predict_files(args.model, args.paths, args.batch_size, explain_dir=args.explain)

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kneexray import CLASSES
+from kneexray import CLASSES, baselines
 from kneexray.atomic import atomic_path, write_json
 from kneexray.inputs import label_indices, load_images, make_dataset, read_split
-from kneexray.metrics import evaluate_predictions
+from kneexray.metrics import chance_summary, evaluate_predictions, paired_difference
+from kneexray.layout import CLINICAL_FILE, FINGERPRINTS_FILE, INDEX_FILE
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +25,67 @@ def predict_proba(model, images: np.ndarray, batch_size: int) -> np.ndarray:
     return model.predict(make_dataset(images, None, batch_size=batch_size), verbose=0)
 
 
-def headline(result: dict, metadata: dict) -> dict:
+def headline(result: dict, metadata: dict | None = None) -> dict:
     """The small, diffable figures for reports/metrics.json."""
     out = {name: result[name] for name in HEADLINE}
     out["ci95"] = result["ci95"]
     out["recall"] = {c: result["per_class"][c]["recall"] for c in CLASSES}
-    out["weights_source"] = metadata["weights_source"]
-    out["pretrained"] = int(metadata["weights_source"] not in ("random", "none (trained from scratch)"))
+    if metadata is not None:
+        out["weights_source"] = metadata["weights_source"]
+        out["pretrained"] = int(metadata["weights_source"] not in ("random", "none (trained from scratch)"))
+        # how the model was chosen, and whether it learned anything (older models lack these)
+        for key in ("no_skill", "selected_epoch", "folds", "out_of_fold"):
+            if key in metadata:
+                out[key] = metadata[key]
     return out
+
+
+def _clinical_rows(rows: pd.DataFrame, data_root: Path) -> pd.DataFrame | None:
+    """Age, sex and weight of each image's patient (file stem = Patient Id), or None without a table."""
+    table_path = data_root / CLINICAL_FILE
+    if not table_path.is_file():
+        return None
+    table = pd.read_csv(table_path, dtype={"patient_id": str}).set_index("patient_id")
+    index = pd.read_csv(data_root / INDEX_FILE).set_index("path")
+    stems = rows["path"].map(lambda p: Path(index.loc[p, "source"]).stem if p in index.index else "")
+    clinical = table.reindex(stems.to_numpy()).reset_index(drop=True)
+    if clinical[["age", "weight"]].isna().all(axis=None):
+        return None
+    # an image without a patient row gets the typical patient (the median), not a dropped row
+    for column in ("age", "weight"):
+        clinical[column] = clinical[column].fillna(table[column].median())
+    clinical["sex"] = clinical["sex"].fillna("")
+    return clinical
+
+
+def score_baselines(train_rows: pd.DataFrame, test_rows: pd.DataFrame, data_root: Path, cfg: dict) -> tuple[dict, dict]:
+    """Each baseline's headline metrics on the test images, and its predicted classes (for the
+    paired comparison). Chance is a distribution over random draws, so it has no single prediction."""
+    y_train, y_test = label_indices(train_rows["label"]), label_indices(test_rows["label"])
+    resamples, seed = cfg["bootstrap_resamples"], cfg["seed"]
+
+    def scored(proba):
+        return evaluate_predictions(y_test, proba, resamples=resamples, seed=seed, bins=cfg["calibration_bins"])
+
+    results = {"chance": chance_summary(y_test, baselines.chance_draws(y_train, len(y_test), resamples, seed))}
+    probas = {"majority": baselines.majority_proba(y_train, len(y_test))}
+    size = cfg["thumbnail_size"]
+    probas["thumbnail_logistic"] = baselines.thumbnail_logistic(
+        load_images(train_rows["path"], size, root=data_root, desc="thumbnails"), y_train,
+        load_images(test_rows["path"], size, root=data_root, desc="thumbnails"), seed=seed)
+    clinical_train, clinical_test = _clinical_rows(train_rows, data_root), _clinical_rows(test_rows, data_root)
+    if clinical_train is not None and clinical_test is not None:
+        probas["clinical_ost"] = baselines.ost_proba(clinical_test)
+        probas["clinical_logistic"] = baselines.clinical_logistic(clinical_train, y_train, clinical_test, seed=seed)
+    for name, proba in probas.items():
+        results[name] = headline(scored(proba))
+        log.info("baseline %s: macro-F1 %s", name, results[name]["macro_f1"])
+    return results, {name: proba.argmax(axis=1) for name, proba in probas.items()}
+
+
+def best_baseline(results: dict) -> str:
+    """The strongest baseline with predictions of its own, by test macro-F1."""
+    return max((name for name in results if name != "chance"), key=lambda name: results[name]["macro_f1"])
 
 
 def write_model_reports(out_dir: Path, rows: pd.DataFrame, y_true, proba, result: dict) -> None:
@@ -88,8 +142,6 @@ def prepare_external(path: str | Path, extract_cfg: dict, train_prints: np.ndarr
 
 def _training_fingerprints(test_csv: Path, data_root: Path) -> np.ndarray:
     """Fingerprints of the images the models learned from (train and validation splits)."""
-    from kneexray.extraction import FINGERPRINTS_FILE, INDEX_FILE
-
     index = pd.read_csv(data_root / INDEX_FILE)
     seen = set(pd.concat([read_split(test_csv.with_name(f"{s}.csv"))["path"] for s in ("train", "val")]))
     return np.load(data_root / FINGERPRINTS_FILE)[index["path"].isin(seen).to_numpy()]
@@ -105,6 +157,7 @@ def _evaluate_set(model, metadata, rows: pd.DataFrame, root: Path, params: dict,
     result = evaluate_predictions(y_true, proba, resamples=cfg["bootstrap_resamples"], seed=cfg["seed"],
                                   bins=cfg["calibration_bins"])
     write_model_reports(out_dir, rows, y_true, proba, result)
+    result["predicted"] = proba.argmax(axis=1)
     return result
 
 
@@ -118,6 +171,10 @@ def evaluate_models(models: dict[str, str], *, test_csv: str | Path, data_root: 
     summary = {"data": {"source": params["dataset"]["source"], "n_test": int(len(rows)),
                         "test_per_class": {c: int((rows["label"] == c).sum()) for c in CLASSES}}}
     sets = {"test": (rows, data_root)}
+    train_rows = pd.concat([read_split(test_csv.with_name(f"{s}.csv")) for s in ("train", "val")], ignore_index=True)
+    summary["baselines"], baseline_predictions = score_baselines(train_rows, rows, data_root, params["evaluate"])
+    best = best_baseline(summary["baselines"])
+    y_test = label_indices(rows["label"])
     scratch = Path(tempfile.mkdtemp(prefix=".external-", dir=data_root.parent))
     try:
         if params["evaluate"]["external_path"]:
@@ -133,12 +190,17 @@ def evaluate_models(models: dict[str, str], *, test_csv: str | Path, data_root: 
                 result = _evaluate_set(model, metadata, set_rows, root, params, caches[set_name], target)
                 entry = headline(result, metadata)
                 if set_name == "test":
+                    entry["vs_best_baseline"] = {"baseline": best, **paired_difference(
+                        y_test, result["predicted"], baseline_predictions[best],
+                        resamples=params["evaluate"]["bootstrap_resamples"], seed=params["evaluate"]["seed"])}
                     summary[name] = entry
                 else:
                     summary[name][set_name] = {k: v for k, v in entry.items() if k not in ("weights_source", "pretrained")}
                 log.info("%s on %s: accuracy %.3f, macro-F1 %.3f [%.3f, %.3f], weights %s", name, set_name,
                          result["accuracy"], result["macro_f1"], result["ci95"]["macro_f1"]["low"],
                          result["ci95"]["macro_f1"]["high"], metadata["weights_source"])
+            if metadata.get("no_skill"):
+                log.error("%s is a NO-SKILL model: it gives nearly every training image one class", name)
             if metadata["weights_source"] == "random":
                 log.warning("%s ran WITHOUT ImageNet weights (random features): its metrics are not transfer learning",
                             name)

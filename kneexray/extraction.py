@@ -14,13 +14,11 @@ from kneexray.archive import ExtractLimits, extract_nested, find_class_dirs
 from kneexray.atomic import atomic_path, write_json
 from kneexray.audit_pairs import draw_pairs, flagged_pairs
 from kneexray.curation import curate
-from kneexray.patients import audit_patient_table, merge_patient_groups
+from kneexray.layout import CLINICAL_FILE, FINGERPRINTS_FILE, IMAGES_DIR, INDEX_FILE
+from kneexray.patients import audit_patient_table, clinical_table, merge_patient_groups
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE = "index.csv"
-FINGERPRINTS_FILE = "fingerprints.npy"
-IMAGES_DIR = "images"
 
 
 def audit_counts(audit: dict) -> dict:
@@ -59,6 +57,9 @@ def extract_dataset(archive: str | Path, out_dir: str | Path, audit_path: str | 
                 curated.index["group"] = merge_patient_groups(curated.index)
             curated.index["path"] = IMAGES_DIR + "/" + curated.index["path"]  # relative to out_dir
             curated.index.to_csv(tmp / INDEX_FILE, index=False)
+            clinical = clinical_table(unpacked) if audit["patient_table"].get("found") else None
+            if clinical is not None:  # age, sex and weight: the evaluate stage's clinical baselines
+                clinical.to_csv(tmp / CLINICAL_FILE, index=False)
             np.save(tmp / FINGERPRINTS_FILE, curated.fingerprints)
             write_json(details_path, audit)
             write_json(audit_path, audit_counts(audit))

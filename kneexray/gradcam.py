@@ -56,7 +56,14 @@ class GradCam:
 
     def __init__(self, model: keras.Model):
         self.size = int(model.input_shape[1])
+        self._model = model
         self._chain = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+        # A fold ensemble (members averaged): each member's heatmap for the ensemble's class, averaged.
+        self._members = None
+        if isinstance(self._chain[-1], keras.layers.Average):
+            self._members = [GradCam(layer) for layer in self._chain if isinstance(layer, keras.Model)]
+            self.target_name = self._members[0].target_name
+            return
         self._holder, target = _find_target(self._chain, model.name)
         self.target_name = target.name
         self._feature_model = None
@@ -88,6 +95,13 @@ class GradCam:
 
     def __call__(self, images: np.ndarray, class_indices: Sequence[int] | None = None) -> np.ndarray:
         """(N, size, size) uint8 images -> (N, size, size) heatmaps in [0, 1]; default class: the predicted one."""
+        if self._members is not None:
+            if class_indices is None:
+                x = np.asarray(images, dtype=np.float32).reshape(-1, self.size, self.size, 1)
+                class_indices = list(np.asarray(self._model(x, training=False)).argmax(axis=1))
+            cams = np.mean([member(images, class_indices) for member in self._members], axis=0)
+            peak = cams.max(axis=(1, 2), keepdims=True)
+            return np.divide(cams, peak, out=np.zeros_like(cams), where=peak > 0)
         x = tf.convert_to_tensor(np.asarray(images, dtype=np.float32).reshape(-1, self.size, self.size, 1))
         with tf.GradientTape() as tape:
             tape.watch(x)  # a frozen base has no trainable variables, so nothing else would be recorded

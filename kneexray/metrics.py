@@ -157,3 +157,39 @@ def evaluate_predictions(y_true, proba, *, resamples: int = 1000, seed: int = 0,
         "reliability": reliability,
         "roc": roc_points(y_true, proba),
     }
+
+
+def paired_difference(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, *, resamples: int, seed: int,
+                      level: float = 0.95) -> dict[str, float]:
+    """Macro-F1 of A minus B on the same bootstrap resamples of the test images (a paired CI:
+    both are scored on each resample, so the shared luck of the test set cancels)."""
+    rng = np.random.default_rng(seed)
+    n, k = len(y_true), len(CLASSES)
+    idx = rng.integers(0, n, (resamples, n))
+
+    def f1s(pred):
+        cells = y_true[idx] * k + pred[idx]
+        confusion = np.stack([np.bincount(row, minlength=k * k) for row in cells]).reshape(resamples, k, k)
+        return _macro_f1_counts(confusion)
+
+    full = _macro_f1_counts(np.bincount(y_true * k + pred_a, minlength=k * k).reshape(k, k)) \
+        - _macro_f1_counts(np.bincount(y_true * k + pred_b, minlength=k * k).reshape(k, k))
+    diffs = f1s(pred_a) - f1s(pred_b)
+    tail = (1 - level) / 2 * 100
+    return {"macro_f1_difference": float(full), "low": float(np.percentile(diffs, tail)),
+            "high": float(np.percentile(diffs, 100 - tail))}
+
+
+def chance_summary(y_true: np.ndarray, draws: np.ndarray, level: float = 0.95) -> dict:
+    """Accuracy and macro-F1 of predictions drawn at random (rows of `draws`): mean and the central
+    `level` range over the draws."""
+    k = len(CLASSES)
+    cells = y_true[None, :] * k + draws
+    confusion = np.stack([np.bincount(row, minlength=k * k) for row in cells]).reshape(len(draws), k, k)
+    stats = {"accuracy": (draws == y_true[None, :]).mean(axis=1), "macro_f1": _macro_f1_counts(confusion)}
+    tail = (1 - level) / 2 * 100
+    out: dict = {name: float(v.mean()) for name, v in stats.items()}
+    out["macro_auc"] = 0.5
+    out["ci95"] = {name: {"low": float(np.percentile(v, tail)), "high": float(np.percentile(v, 100 - tail))}
+                   for name, v in stats.items()}
+    return out

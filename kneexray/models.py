@@ -23,11 +23,23 @@ class WeightsUnavailable(RuntimeError):
     """ImageNet weights were required but could not be had."""
 
 
-def build_cnn(size: int, *, filters: list[int], dense_units: int, dropout: float) -> keras.Model:
+def _output_layer(output_bias, name: str = "probabilities") -> keras.layers.Dense:
+    """Softmax over the classes; `output_bias` (log class priors) makes the first steps predict the
+    priors instead of uniform noise, where training is unweighted."""
+    init = "zeros" if output_bias is None else keras.initializers.Constant(list(output_bias))
+    return keras.layers.Dense(len(CLASSES), activation="softmax", dtype="float32", bias_initializer=init, name=name)
+
+
+def build_cnn(size: int, *, filters: list[int], dense_units: int, dropout: float, output_bias=None,
+              name: str = "cnn") -> keras.Model:
     """Conv blocks [Conv3x3-BN-ReLU, MaxPool], dropout, global pooling and a small dense head.
 
     Global average pooling instead of the original Flatten -> Dense(256): that single layer held
     25.7 M of its 26.0 M parameters and made the network memorise 190 images.
+    BatchNorm, not GroupNorm: GroupNorm normalises each image on its own and so removes the overall
+    density of the bone, the very cue of osteoporosis (on the phantom it did not learn at all).
+    Training recomputes the BatchNorm statistics on the un-augmented training images
+    (`recompute_batchnorm`), which removes the lag that made inference predict one class.
     """
     inputs = keras.Input((size, size, 1), name="image")
     x = keras.layers.Rescaling(1.0 / 255)(inputs)
@@ -35,18 +47,16 @@ def build_cnn(size: int, *, filters: list[int], dense_units: int, dropout: float
         # The first conv strides by 2: full-resolution feature maps cost most of a CPU's time.
         x = keras.layers.Conv2D(width, 3, strides=2 if i == 0 else 1, padding="same", use_bias=False,
                                 name=f"conv{i + 1}")(x)
-        # momentum 0.9: with ~6 batches an epoch the default 0.99 leaves inference statistics stale
         x = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{i + 1}")(x)
         x = keras.layers.Activation("relu", name=f"relu{i + 1}")(x)
         x = keras.layers.MaxPooling2D(2, name=f"pool{i + 1}")(x)
     # Dropout only after the last block: dropout feeding a BatchNormalization shifts its variance
-    # between training and inference, which made the network predict one class at test time.
+    # between training and inference.
     x = keras.layers.SpatialDropout2D(dropout / 2, name="drop_features")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     x = keras.layers.Dense(dense_units, activation="relu")(x)
     x = keras.layers.Dropout(dropout)(x)
-    outputs = keras.layers.Dense(len(CLASSES), activation="softmax", dtype="float32", name="probabilities")(x)
-    return keras.Model(inputs, outputs, name="cnn")
+    return keras.Model(inputs, _output_layer(output_bias)(x), name=name)
 
 
 def resnet_base(size: int, *, weights: str, weights_path: str = "", required: bool = False) -> tuple[keras.Model, str]:
@@ -83,16 +93,33 @@ def resnet_base(size: int, *, weights: str, weights_path: str = "", required: bo
     return base, source
 
 
-def build_resnet(size: int, *, base: keras.Model, dense_units: int, dropout: float) -> keras.Model:
-    """Frozen ResNet50 (BatchNorm in inference mode) with a Dense + Dropout head."""
+def build_head(features: int, *, dense_units: int, dropout: float, output_bias=None, name: str = "head") -> keras.Model:
+    """The transfer model's classifier on the base's pooled features: Dense + Dropout + softmax."""
+    inputs = keras.Input((features,), name="features")
+    x = keras.layers.Dense(dense_units, activation="relu", name="dense")(inputs)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    return keras.Model(inputs, _output_layer(output_bias)(x), name=name)
+
+
+def build_resnet(size: int, *, base: keras.Model, head: keras.Model) -> keras.Model:
+    """Frozen ResNet50 (BatchNorm in inference mode) feeding `head` (one head or a fold ensemble)."""
     base.trainable = False
     inputs = keras.Input((size, size, 1), name="image")
     x = CaffePreprocess(name="resnet_preprocess")(GreyToRGB(name="grey_to_rgb")(inputs))
     x = base(x, training=False)  # BatchNorm stays in inference mode even when unfrozen later
-    x = keras.layers.Dense(dense_units, activation="relu")(x)
-    x = keras.layers.Dropout(dropout)(x)
-    outputs = keras.layers.Dense(len(CLASSES), activation="softmax", dtype="float32", name="probabilities")(x)
-    return keras.Model(inputs, outputs, name="resnet")
+    return keras.Model(inputs, head(x), name="resnet")
+
+
+def average_models(members: list[keras.Model], name: str, input_name: str = "image") -> keras.Model:
+    """One model whose output is the mean of the members' class probabilities (the fold ensemble).
+    One member is returned as it is."""
+    if len(members) == 1:
+        return members[0]
+    inputs = keras.Input(tuple(members[0].inputs[0].shape[1:]), name=input_name)
+    for i, member in enumerate(members):
+        member.name = f"{name}_fold{i + 1}"
+    outputs = keras.layers.Average(name="fold_mean", dtype="float32")([member(inputs) for member in members])
+    return keras.Model(inputs, outputs, name=name)
 
 
 def unfreeze_top(model: keras.Model, n_layers: int) -> int:
@@ -127,3 +154,26 @@ def _flatten(model: keras.Model):
             yield from _flatten(layer)
         else:
             yield layer
+
+
+def recompute_batchnorm(model: keras.Model, images, chunk: int = 256) -> None:
+    """Set every trainable BatchNorm layer's moving mean and variance to its statistics over
+    `images` (the un-augmented training images), in training mode with the current weights.
+
+    With a few hundred images an epoch is a handful of batches: the moving averages lag weights
+    that move fast, and in inference mode the network then gave every image the same class.
+    Equal-weight averaging over chunks (momentum (i-1)/i on chunk i) makes one chunk exact."""
+    import numpy as np
+
+    layers = [layer for layer in _flatten(model) if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+    if not layers or len(images) == 0:
+        return
+    momenta = [layer.momentum for layer in layers]
+    try:
+        for i, start in enumerate(range(0, len(images), chunk)):
+            for layer in layers:
+                layer.momentum = i / (i + 1)
+            model(np.asarray(images[start:start + chunk], dtype="float32"), training=True)
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
+from ruamel.yaml import YAML, YAMLError
 
 from kneexray import CLASSES
 
@@ -105,8 +105,11 @@ SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "path": _STR,
         "sha256": _STR,
         "max_download_mb": _num(1, integer=True),
-        "timeout_s": _num(0, lo_open=True),
+        # bounded: an infinite or 1e300 s timeout would only overflow the socket layer later
+        "timeout_s": _num(0, 3600, lo_open=True),
         "retries": _num(0, 20, integer=True),
+        "deadline_s": _num(0, 7 * 24 * 3600, lo_open=True),  # the whole download, retries included
+        "min_rate_kbps": _num(0, 1_000_000),  # kilobits/s over each 30 s; 0: no minimum
     },
     "phantom": {
         "n_images": _num(3, 100_000, integer=True),
@@ -131,7 +134,6 @@ SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "group_near_duplicates": _BOOL,
     },
     "image": {
-        "size": _num(32, 1024, integer=True),
         "batch_size": _num(1, 4096, integer=True),
     },
     "augment": {
@@ -144,7 +146,13 @@ SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
     "train": {
         "seed": _num(0, integer=True),
         "class_weights": _choice("balanced", "none"),
+        "folds": _num(1, 20, integer=True),
+        "select_on": _choice("macro_f1", "balanced_accuracy"),
+        "min_epochs": _num(1, integer=True),
         "patience": _num(0, integer=True),
+        "warmup_epochs": _num(0, integer=True),
+        "label_smoothing": _num(0, 0.5),
+        "no_skill_share": _num(0.34, 1),
         "strategy": _choice("auto", "default", "mirrored", "multi_worker"),
         "resume": _BOOL,
         # no "off": DVC rewrites params.yaml unquoted on `exp run -S`, and YAML reads off as false
@@ -153,6 +161,7 @@ SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "threads": _num(0, 256, integer=True),
     },
     "cnn": {
+        "image_size": _num(32, 1024, integer=True),
         "filters": _int_list(4, 1024),
         "dense_units": _num(1, 4096, integer=True),
         "dropout": _num(0, 1, hi_open=True),
@@ -160,6 +169,7 @@ SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "epochs": _POS_INT,
     },
     "resnet": {
+        "image_size": _num(32, 1024, integer=True),
         "weights": _choice("imagenet", "file"),
         "weights_required": _BOOL,
         "weights_path": _STR,
@@ -176,6 +186,7 @@ SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "seed": _num(0, integer=True),
         "calibration_bins": _num(2, 100, integer=True),
         "external_path": _STR,
+        "thumbnail_size": _num(4, 128, integer=True),
     },
 }
 
@@ -210,15 +221,38 @@ def validate(params: Any) -> dict[str, dict[str, Any]]:
     resnet = checked["resnet"]
     if resnet["weights"] == "file" and not resnet["weights_path"]:
         raise ParamsError("resnet.weights_path: required when resnet.weights is 'file' (.h5 or .weights.h5)")
+    if resnet["fine_tune_layers"] > 0 and resnet["fine_tune_epochs"] > 0 and checked["train"]["folds"] > 1:
+        raise ParamsError("resnet.fine_tune_layers: fine-tuning needs train.folds: 1 (the fold heads share one base)")
     return checked
 
 
 def load(path: str | Path = "params.yaml") -> dict[str, dict[str, Any]]:
-    """Read and validate params.yaml; errors name the key and the allowed values."""
+    """Read and validate params.yaml; errors name the key and the allowed values.
+
+    Read as YAML 1.2, the way DVC reads and writes it: `dvc exp run -S cnn.learning_rate=1e-5`
+    stores `1e-05`, a number in YAML 1.2 but a string to YAML 1.1 (PyYAML).
+    """
     try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML ({err})") from None
+        raw = YAML(typ="safe", pure=True).load(Path(path).read_text())
+    except YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML ({_yaml_problem(err)})") from None
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found") from None
-    return validate(raw)
+    return validate(_plain(raw))
+
+
+def _yaml_problem(err: YAMLError) -> str:
+    """The parser's complaint and where, on one line (its own message spans several)."""
+    problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(err).split())
+
+
+def _plain(value: Any) -> Any:
+    """Plain dicts and lists all the way down, whatever container types the YAML loader used."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value

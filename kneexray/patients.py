@@ -51,11 +51,34 @@ def read_table(path: str | Path) -> pd.DataFrame:
     if pid is None or tsc is None:
         raise ValueError(f"{path.name}: no 'Patient Id' and 'T-score' columns (found: {', '.join(map(str, frame.columns))})")
     diag = _column(frame, "diagnosis")
-    return pd.DataFrame({
+    out = pd.DataFrame({
         "patient_id": frame[pid].astype(str).str.strip(),
         "t_score": pd.to_numeric(frame[tsc], errors="coerce"),
         "diagnosis": frame[diag].astype(str).str.strip().str.lower() if diag else None,
     })
+    for name, aliases in CLINICAL.items():  # for the clinical baselines, where the table has them
+        column = _column(frame, *aliases)
+        if column is not None:
+            out[name] = frame[column] if name == "sex" else pd.to_numeric(frame[column], errors="coerce")
+    return out
+
+
+# Never the T-score or the diagnosis: those are the labels.
+CLINICAL = {"age": ("age",), "sex": ("sex", "gender"), "weight": ("weight", "weightkg")}
+
+
+def clinical_table(root: str | Path) -> pd.DataFrame | None:
+    """patient_id, age, sex, weight from the archive's patient table, when it has all three."""
+    path = find_table(root)
+    if path is None:
+        return None
+    try:
+        table = read_table(path)
+    except (ValueError, OSError):
+        return None
+    if not set(CLINICAL) <= set(table.columns):
+        return None
+    return table[["patient_id", *CLINICAL]].drop_duplicates("patient_id")
 
 
 def check_labels(index: pd.DataFrame, table: pd.DataFrame) -> dict:

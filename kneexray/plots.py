@@ -115,6 +115,40 @@ def _patient_line(table: dict) -> str:
             "disagree with the WHO category of their T-score.")
 
 
+BASELINE_TITLES = {
+    "chance": "Chance (random at training class frequencies; range over draws)",
+    "majority": "Majority class",
+    "thumbnail_logistic": "Logistic regression on greyscale thumbnails",
+    "clinical_ost": "OST rule, 0.2 x (weight - age)",
+    "clinical_logistic": "Logistic regression on age, sex, weight",
+}
+
+
+def _baseline_lines(metrics: dict, models: list[str]) -> list[str]:
+    """The baselines on the same test images, and each model's paired difference to the best one."""
+    found = metrics.get("baselines")
+    if not found:
+        return []
+    lines = ["", "### Baselines on the same test images", "", "| baseline | accuracy | macro-F1 | macro AUC |",
+             "|---|---|---|---|"]
+    for name, entry in found.items():
+        auc = entry["macro_auc"] if name == "chance" else None
+        lines.append(f"| {BASELINE_TITLES.get(name, name)} | {format_with_ci(entry, 'accuracy')} | "
+                     f"{format_with_ci(entry, 'macro_f1')} | {auc if auc is not None else format_with_ci(entry, 'macro_auc')} |")
+    lines += ["", "| model | macro-F1 minus the best baseline's (paired 95% CI) | out-of-fold macro-F1 | selected epoch | no skill |",
+              "|---|---|---|---|---|"]
+    for m in models:
+        e, d = metrics[m], metrics[m].get("vs_best_baseline")
+        if d is None:
+            continue
+        oof = e.get("out_of_fold", {}).get("macro_f1")
+        lines.append(f"| {MODEL_TITLES[m]} | {d['macro_f1_difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] vs "
+                     f"{BASELINE_TITLES.get(d['baseline'], d['baseline'])} | {'n/a' if oof is None else f'{oof:.3f}'} | "
+                     f"{e.get('selected_epoch', 'n/a')} of {e.get('folds', 1)}-fold CV | "
+                     f"{'**YES**' if e.get('no_skill') else 'no'} |")
+    return lines
+
+
 def summary_markdown(metrics: dict, audit: dict, split: dict, figures: list[str]) -> str:
     data = metrics["data"]
     models = [m for m in MODEL_TITLES if m in metrics]
@@ -135,6 +169,7 @@ def summary_markdown(metrics: dict, audit: dict, split: dict, figures: list[str]
         lines.append(f"| {MODEL_TITLES[m]} | {e['weights_source']} | {format_with_ci(e, 'accuracy')} | {format_with_ci(e, 'macro_f1')} | "
                      f"{format_with_ci(e, 'macro_auc')} | {e['balanced_accuracy']:.3f} | "
                      + " | ".join(f"{e['recall'][c]:.3f}" for c in CLASSES) + f" | {e['ece']:.3f} |")
+    lines += _baseline_lines(metrics, models)
     if any(metrics[m]["weights_source"] == "random" for m in models):
         lines += ["", "**The ResNet50 ran without ImageNet weights (none could be loaded): its figures are those of "
                   "a random-feature model, not of transfer learning.**"]

@@ -9,7 +9,8 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from collections import Counter
+import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -47,9 +48,27 @@ def collect_inputs(paths: Iterable[str | Path]) -> list[Path]:
     return sorted(found)
 
 
+def read_regular_file(path: str | Path) -> bytes:
+    """The file's bytes; a FIFO, socket or device is refused (reading one would block or never end).
+
+    Opened non-blocking, so even a FIFO with no writer can be looked at without hanging.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            what = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
+                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+            raise ImageError(f"{what}, not an image file; skipped")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read()
+    finally:
+        os.close(fd)
+
+
 def load_for_model(path: str | Path, size: int) -> np.ndarray:
     """(size, size) uint8 greyscale, decoded as training decodes; DICOM recognised by content or suffix."""
-    data = Path(path).read_bytes()
+    data = read_regular_file(path)
     if is_dicom(data) or Path(path).suffix.lower() in DICOM_SUFFIXES:
         # The resize of images.load_grey_array, so a DICOM and its PNG export give the same array.
         grey = read_dicom_grey(data).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
@@ -68,12 +87,26 @@ def _decode(path: Path, size: int) -> np.ndarray | str:
 
 
 def _explanation_names(files: list[Path]) -> list[str]:
-    """Output name stems; inputs sharing a stem (a/knee.png, b/knee.png) get _2, _3... after the first."""
-    seen: Counter[str] = Counter()
+    """Output name stems, unique and the same on every run (files come sorted).
+
+    The first input with a stem keeps it; later ones (a/knee.png, b/knee.png) get _2, _3..., skipping
+    any name another input already has as its own stem (c/knee_2.png). Compared case-folded, since
+    macOS and Windows folders treat Knee and knee as one file.
+    """
+    taken = {path.stem.casefold() for path in files}
+    firsts: set[str] = set()
     names = []
     for path in files:
-        seen[path.stem] += 1
-        names.append(path.stem if seen[path.stem] == 1 else f"{path.stem}_{seen[path.stem]}")
+        key = path.stem.casefold()
+        if key not in firsts:
+            firsts.add(key)
+            names.append(path.stem)
+            continue
+        n = 2
+        while f"{key}_{n}" in taken:
+            n += 1
+        taken.add(f"{key}_{n}")
+        names.append(f"{path.stem}_{n}")
     return names
 
 
@@ -119,8 +152,20 @@ def predict_files(model_path: str | Path, paths: Iterable[str | Path], batch_siz
     return rows
 
 
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(text: str) -> str:
+    """A text cell that a spreadsheet shows as text: a file named =HYPERLINK(...) must not run as a formula."""
+    return f"'{text}" if text.startswith(_FORMULA_STARTS) else text
+
+
 def write_csv(rows: list[dict], path: str | Path) -> None:
-    """Columns path, predicted, p_<class>..., error; an error row leaves the others empty."""
+    """Columns path, predicted, p_<class>..., error; an error row leaves the others empty.
+
+    Text cells starting with = + - @ (or a tab or carriage return) get a leading ' (OWASP's advice
+    against CSV injection); probabilities are plain numbers and never start so.
+    """
     classes = list(dict.fromkeys(c for row in rows for c in row.get("probabilities", {})))
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -128,7 +173,8 @@ def write_csv(rows: list[dict], path: str | Path) -> None:
     for row in rows:
         proba = row.get("probabilities", {})
         probabilities = (f"{proba[c]:.6f}" if c in proba else "" for c in classes)
-        writer.writerow([row["path"], row.get("predicted", ""), *probabilities, row.get("error", "")])
+        writer.writerow([_cell(row["path"]), _cell(row.get("predicted", "")), *probabilities,
+                         _cell(row.get("error", ""))])
     atomic.write_text(path, buffer.getvalue())
 
 

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 def _pack_folder(folder: Path, out_zip: Path) -> None:
     """A folder laid out by class becomes a ZIP (stored, not compressed: JPEGs don't shrink)."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
-    with atomic_path(out_zip) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
+    with atomic_path(out_zip, kind="file") as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
         for path in files:
             archive.writestr(stable_zip_entry(path.relative_to(folder).as_posix(), zipfile.ZIP_STORED), path.read_bytes())
 
@@ -30,7 +30,7 @@ def _copy_zip(source: Path, out_zip: Path, sha256: str) -> None:
         raise ValueError(f"dataset.path: {source} is neither a folder nor a ZIP archive")
     if sha256 and sha256_file(source).lower() != sha256.lower():
         raise ValueError(f"dataset.path: {source} does not match dataset.sha256")
-    with atomic_path(out_zip) as tmp:
+    with atomic_path(out_zip, kind="file") as tmp:
         shutil.copyfile(source, tmp)
 
 
@@ -45,8 +45,10 @@ def fetch(params: dict, out_zip: str | Path) -> dict:
         log.info("phantom: %s", counts)
     elif source == "url":
         try:
+            # require_zip: an HTML error page must fail here, not be cached by DVC as the dataset
             download(cfg["url"], out_zip, sha256=cfg["sha256"] or None, max_bytes=cfg["max_download_mb"] * 2**20,
-                     timeout=cfg["timeout_s"], retries=cfg["retries"])
+                     timeout=cfg["timeout_s"], retries=cfg["retries"], deadline=cfg["deadline_s"],
+                     min_rate_kbps=cfg["min_rate_kbps"], require_zip=True)
         except DownloadError as err:
             raise RuntimeError(str(err)) from None
     else:

@@ -70,3 +70,18 @@ def check_leakage(splits: dict[str, pd.DataFrame], index: pd.DataFrame, fingerpr
         shown = "; ".join(f"{a} ~ {b} (distance {d:.4f})" for a, b, d in pairs[:5])
         raise LeakageError(f"leakage: {len(pairs)} pair(s) of (near-)copies straddle splits: {shown}"
                            + (" ..." if len(pairs) > 5 else "") + "; set split.group_near_duplicates: true")
+
+
+def assign_folds(frame: pd.DataFrame, folds: int, seed: int) -> np.ndarray:
+    """Fold number (0..folds-1) of each row: stratified by label, whole groups per fold, so the
+    copies and the patient that the split keeps together stay together in cross-validation too."""
+    counts = frame["label"].value_counts()
+    too_small = {c: int(n) for c, n in counts.items() if n < folds}
+    if too_small:
+        raise SplitError(f"train.folds={folds}: class(es) with fewer images than folds in train+validation: "
+                         + ", ".join(f"{c}={n}" for c, n in too_small.items()))
+    out = np.empty(len(frame), dtype=np.int64)
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for fold, (_, held) in enumerate(splitter.split(frame, frame["label"], groups=frame["group"])):
+        out[held] = fold
+    return out

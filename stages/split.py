@@ -8,7 +8,7 @@ import pandas as pd
 
 from kneexray import stage
 from kneexray.atomic import atomic_path, write_json
-from kneexray.extraction import FINGERPRINTS_FILE, INDEX_FILE
+from kneexray.layout import FINGERPRINTS_FILE, INDEX_FILE
 from kneexray.splitting import check_leakage, split_counts, split_index
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import copy
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("dvc.yaml", ".dvcignore", ".gitignore", "kneexray", "stages")
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Keras' cache (ImageNet weights) of this run only, so the results don't depend on the machine's
+# ~/.keras: a fresh empty one, removed at exit, unless KNEEXRAY_TEST_KERAS_HOME names one. Set
+# before anything imports Keras; the stage scripts and dvc inherit it.
+if os.environ.get("KNEEXRAY_TEST_KERAS_HOME"):
+    os.environ["KERAS_HOME"] = os.environ["KNEEXRAY_TEST_KERAS_HOME"]
+else:
+    os.environ["KERAS_HOME"] = tempfile.mkdtemp(prefix="kneexray-keras-home-")
+    atexit.register(shutil.rmtree, os.environ["KERAS_HOME"], ignore_errors=True)
 
 
 def tiny_params() -> dict:
@@ -26,10 +36,10 @@ def tiny_params() -> dict:
                              class_fractions={"normal": 0.34, "osteopenia": 0.33, "osteoporosis": 0.33})
     params["extract"].update(min_side=32)
     params["split"].update(test_ratio=0.25, val_ratio=0.25)
-    params["image"].update(size=32, batch_size=8)
-    params["cnn"].update(filters=[8, 16], dense_units=8, epochs=2)
-    params["resnet"].update(dense_units=8, epochs=1)
-    params["train"].update(patience=2)
+    params["image"].update(batch_size=8)
+    params["cnn"].update(image_size=32, filters=[8, 16], dense_units=8, epochs=2)
+    params["resnet"].update(image_size=32, dense_units=8, epochs=1)
+    params["train"].update(patience=2, folds=2, min_epochs=1, warmup_epochs=0)
     params["evaluate"].update(bootstrap_resamples=50)
     return params
 

@@ -159,7 +159,7 @@ def test_measure_wrapper_reports_the_childs_own_peak_memory(tmp_path):
 
 
 def test_override_value_reads_the_last_matching_override():
-    overrides = ["image.size=64", "cnn.epochs=1", "split.val_ratio=0.25", "cnn.epochs=3"]
+    overrides = ["cnn.image_size=64", "cnn.epochs=1", "split.val_ratio=0.25", "cnn.epochs=3"]
     assert compare.override_value(overrides, "cnn.epochs", 30) == 3
-    assert compare.override_value(overrides, "image.size", 224) == 64
+    assert compare.override_value(overrides, "cnn.image_size", 224) == 64
     assert compare.override_value(overrides, "resnet.epochs", 15) == 15

@@ -4,20 +4,38 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import io
 import logging
 import os
 import socket
 import threading
 import time
+import urllib.parse
+import urllib.request
+import zipfile
 from pathlib import Path
 
 import pytest
 
-from kneexray.download import DownloadError, download
+from kneexray import sources
+from kneexray.download import DownloadError, _CheckedRedirects, download
 
 PAYLOAD = os.urandom(300 * 1024)
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
 FAST = dict(timeout=2.0, retries=3, backoff=0.01, progress=False)
+TRICKLE_GAP = 0.05  # seconds between the bytes of a trickling answer: 160 bit/s
+HTML = b"<!DOCTYPE html>\n<html><body>Access denied</body></html>\n"
+
+
+def zip_bytes(entries: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+ZIP, EMPTY_ZIP = zip_bytes({"normal/a.png": b"x"}), zip_bytes({})
 
 
 class Server(http.server.ThreadingHTTPServer):
@@ -83,16 +101,46 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.flush()
             srv.stop.wait(10)
         elif path == "/redirect":
-            self.send_response(302)
-            self.send_header("Location", "/file.bin")
-            self.send_header("Content-Length", "0")
+            self._redirect("/file.bin")
+        elif path == "/redirect-to":  # ?<target>: a redirect anywhere
+            self._redirect(urllib.parse.unquote(query))
+        elif path == "/trickle-body":  # a valid header, then one byte per TRICKLE_GAP seconds
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(PAYLOAD)))
             self.end_headers()
+            self._trickle(PAYLOAD)
+        elif path == "/trickle-headers":  # a status line, then a header that never ends
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            self._trickle(b"a" * len(PAYLOAD))
+        elif path in ("/html", "/zip", "/empty-zip"):
+            body, kind = {"/html": (HTML, "text/html; charset=utf-8"), "/zip": (ZIP, "application/zip"),
+                          "/empty-zip": (EMPTY_ZIP, "application/octet-stream")}[path]
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
         elif path == "/error":
             self.send_error(500, "Boom")
         elif path == "/forbidden":
             self.send_error(403)
         else:
             self.send_error(404)
+
+    def _redirect(self, target: str) -> None:
+        self.send_response(302)
+        self.send_header("Location", target)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _trickle(self, body: bytes) -> None:
+        """Send `body` a byte at a time until the client hangs up or the test ends (10 s at most)."""
+        for byte in body[: int(10 / TRICKLE_GAP)]:
+            if self.server.stop.is_set():
+                return
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
+            time.sleep(TRICKLE_GAP)
 
     def _serve(self, *, honour_range: bool, drop: bool) -> None:
         start = 0
@@ -323,3 +371,116 @@ def test_credentials_and_query_not_shown(tmp_path: Path) -> None:
         download(f"http://127.0.0.1:{port}/x.zip?token=secret", tmp_path / "d.bin", retries=0,
                  progress=False)
     assert "secret" not in str(info.value)
+
+
+# --- deadline and minimum rate: a byte now and then must not keep a download alive forever -------
+
+def test_trickling_body_is_below_the_minimum_rate(server: Server, tmp_path: Path) -> None:
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match=r"slower than the minimum 1 kbit/s") as info:
+        download(f"{server.base}/trickle-body", tmp_path / "d.bin", timeout=2.0, retries=1, backoff=0.01,
+                 min_rate_kbps=1, rate_window=0.3, progress=False)
+    assert time.monotonic() - started < 3.0  # each receive came well within the 2 s timeout
+    assert server.count("/trickle-body") == 2 and "failed after 2 attempt(s)" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert leftovers(tmp_path) == []
+
+
+def test_trickling_body_hits_the_overall_deadline(server: Server, tmp_path: Path) -> None:
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match=r"did not finish within the overall deadline of 0.6 s") as info:
+        download(f"{server.base}/trickle-body", tmp_path / "d.bin", timeout=2.0, retries=3, backoff=0.01,
+                 deadline=0.6, min_rate_kbps=0, progress=False)
+    assert 0.5 < time.monotonic() - started < 2.0
+    assert server.count("/trickle-body") == 1  # the deadline is not retried
+    assert "bytes received" in str(info.value) and "\n" not in str(info.value)
+    assert leftovers(tmp_path) == []
+
+
+def test_trickling_headers_are_cut_at_the_deadline(server: Server, tmp_path: Path) -> None:
+    """http.client reads headers without returning to us: only the deadline's timer can stop it."""
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match="overall deadline of 0.6 s"):
+        download(f"{server.base}/trickle-headers", tmp_path / "d.bin", timeout=2.0, retries=3, backoff=0.01,
+                 deadline=0.6, progress=False)
+    assert time.monotonic() - started < 2.0
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("bad", [dict(timeout=float("inf")), dict(timeout=1e300), dict(timeout=float("nan")),
+                                 dict(deadline=float("inf")), dict(deadline=0), dict(min_rate_kbps=-1),
+                                 dict(rate_window=0)])
+def test_unbounded_timing_arguments_are_refused(tmp_path: Path, bad: dict) -> None:
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        download("http://127.0.0.1:9/x.zip", tmp_path / "d.bin", progress=False, **bad)
+
+
+# --- redirects: http(s) only, never down from https ------------------------------------------------
+
+@pytest.mark.parametrize("target", ["ftp://127.0.0.1/x.zip", "file:///etc/passwd", "gopher://127.0.0.1/x"])
+def test_redirect_to_another_scheme_is_refused(server: Server, tmp_path: Path, target: str) -> None:
+    quoted = urllib.parse.quote(target, safe="")
+    with pytest.raises(DownloadError, match=r"refused the HTTP 302 redirect from .*/redirect-to\?\.\.\. to ") as info:
+        download(f"{server.base}/redirect-to?{quoted}", tmp_path / "d.bin", **FAST)
+    message = str(info.value)
+    assert f" to {target}: " in message and "not http(s)" in message and "\n" not in message
+    assert server.count("/redirect-to") == 1  # not retried
+    assert leftovers(tmp_path) == []
+
+
+def test_absolute_http_redirect_is_followed(server: Server, tmp_path: Path) -> None:
+    target = urllib.parse.quote(f"{server.base}/file.bin", safe="")
+    dest = download(f"{server.base}/redirect-to?{target}", tmp_path / "d.bin", sha256=SHA, **FAST)
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_redirect_from_https_down_to_http_is_refused() -> None:
+    request = urllib.request.Request("https://data.example.org/knee.zip")
+    with pytest.raises(DownloadError, match=r"to http://mirror.example.org/knee.zip: a downgrade from https"):
+        _CheckedRedirects().http_error_302(request, io.BytesIO(), 302, "Found",
+                                           {"location": "http://mirror.example.org/knee.zip"})
+
+
+# --- the body must be a ZIP archive ----------------------------------------------------------------
+
+def test_html_page_is_not_taken_for_the_archive(server: Server, tmp_path: Path) -> None:
+    dest = tmp_path / "d.zip"
+    dest.write_bytes(b"old good data")
+    with pytest.raises(DownloadError, match=r"is not a ZIP archive \(Content-Type: text/html; charset=utf-8; "
+                                            r"the body starts with b'<!DOCTYPE html>") as info:
+        download(f"{server.base}/html", dest, require_zip=True, **FAST)
+    assert "\n" not in str(info.value) and "dataset.source=phantom" in str(info.value)
+    assert dest.read_bytes() == b"old good data" and leftovers(tmp_path) == ["d.zip"]
+    assert download(f"{server.base}/html", dest, **FAST).read_bytes() == HTML  # unchecked when not asked
+
+
+@pytest.mark.parametrize(("path", "body"), [("/zip", ZIP), ("/empty-zip", EMPTY_ZIP)])
+def test_zip_archives_pass_the_check(server: Server, tmp_path: Path, path: str, body: bytes) -> None:
+    assert download(f"{server.base}{path}", tmp_path / "d.zip", require_zip=True, **FAST).read_bytes() == body
+
+
+def test_local_file_that_is_not_a_zip(tmp_path: Path) -> None:
+    (tmp_path / "page.html").write_bytes(b"")
+    with pytest.raises(DownloadError, match=r"not a ZIP archive \(Content-Type: none, a local file; the body is empty"):
+        download((tmp_path / "page.html").as_uri(), tmp_path / "out" / "d.zip", require_zip=True, progress=False)
+
+
+def url_params(url: str, **dataset) -> dict:
+    return {"dataset": {"source": "url", "url": url, "path": "", "sha256": "", "max_download_mb": 1,
+                        "timeout_s": 2, "retries": 0, "deadline_s": 5, "min_rate_kbps": 1, **dataset}}
+
+
+def test_fetch_stage_refuses_an_html_page_in_one_line(server: Server, tmp_path: Path) -> None:
+    out = tmp_path / "raw" / "dataset.zip"
+    with pytest.raises(RuntimeError, match="is not a ZIP archive") as info:
+        sources.fetch(url_params(f"{server.base}/html"), out)
+    assert "\n" not in str(info.value)
+    assert not out.exists()
+    assert sources.fetch(url_params(f"{server.base}/zip"), out)["bytes"] == len(ZIP)
+
+
+def test_fetch_stage_passes_the_deadline_through(server: Server, tmp_path: Path) -> None:
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="overall deadline of 0.5 s"):
+        sources.fetch(url_params(f"{server.base}/trickle-headers", deadline_s=0.5), tmp_path / "d.zip")
+    assert time.monotonic() - started < 2.0

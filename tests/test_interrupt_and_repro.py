@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -74,9 +75,11 @@ def test_resume_continues_from_the_last_finished_epoch(project):
     _set_params(project, cnn__epochs=4)
     result = run([sys.executable, *TRAIN_CMD], project)
     out = result.stdout + result.stderr
-    first_epoch = next(line for line in out.splitlines() if line.startswith("Epoch "))
-    assert first_epoch.split()[1].split("/")[0] in ("3", "4"), first_epoch  # epochs 1-2 were not redone
-    assert json.loads((project / "reports/train/cnn/metrics.json").read_text())["step"] == 3
+    # the training log has one "epoch N/M: ..." line per finished epoch
+    first_epoch = next(line for line in out.splitlines() if re.search(r"kneexray.training: epoch \d+/", line))
+    assert re.search(r"epoch (\d+)/", first_epoch).group(1) in ("3", "4"), first_epoch  # epochs 1-2 not redone
+    summary = json.loads((project / "reports/train/cnn/metrics.json").read_text())
+    assert summary["epochs_run"] == 4 and 1 <= summary["selected_epoch"] <= 4
     assert not (project / ".kneexray_backup/cnn").exists()  # removed once training completed
 
 

@@ -32,9 +32,9 @@ def test_committed_params_validate() -> None:
         assert set(checked[section]) == set(fields), section
     # spot-check that values come through unchanged
     assert checked["split"]["test_ratio"] == 0.2
-    assert checked["image"]["size"] == 224
+    assert checked["resnet"]["image_size"] == 224
     assert checked["cnn"]["filters"] == [32, 64, 128, 256]
-    assert checked["augment"]["brightness"] == [0.8, 1.2]
+    assert checked["augment"]["brightness"] == [1.0, 1.0]
 
 
 def test_validate_does_not_mutate_its_input() -> None:
@@ -110,12 +110,18 @@ def test_split_ratio_above_one_half_names_the_range() -> None:
 
 @pytest.mark.parametrize("size", [31, 16, 0, -224])
 def test_image_size_below_32(size: int) -> None:
-    with pytest.raises(ParamsError, match=r"^image\.size: .*outside the allowed range \[32, 1024\]"):
-        validate(mutated(image__size=size))
+    with pytest.raises(ParamsError, match=r"^cnn\.image_size: .*outside the allowed range \[32, 1024\]"):
+        validate(mutated(cnn__image_size=size))
 
 
 def test_image_size_32_is_the_smallest_allowed() -> None:
-    assert validate(mutated(image__size=32))["image"]["size"] == 32
+    assert validate(mutated(resnet__image_size=32))["resnet"]["image_size"] == 32
+
+
+def test_fine_tuning_with_several_folds_is_refused() -> None:
+    with pytest.raises(ParamsError, match=r"^resnet\.fine_tune_layers: .*train\.folds: 1"):
+        validate(mutated(resnet__fine_tune_layers=8, resnet__fine_tune_epochs=2))
+    assert validate(mutated(resnet__fine_tune_layers=8, resnet__fine_tune_epochs=2, train__folds=1))
 
 
 def test_unknown_dataset_source_lists_allowed_values() -> None:
@@ -203,3 +209,70 @@ def test_round_trip_through_a_file(tmp_path: Path) -> None:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(mutated(cnn__epochs=3), sort_keys=False))
     assert load(path)["cnn"]["epochs"] == 3
+
+
+# --- read as DVC writes: YAML 1.2 -------------------------------------------------------------------
+
+def params_text(section: str, key: str, raw: str) -> str:
+    """The committed params as YAML text, with `section.key` spelt exactly `raw` (as `dvc exp run -S` writes it)."""
+    text = yaml.safe_dump(mutated(**{f"{section}__{key}": "__VALUE__"}), sort_keys=False)
+    assert text.count("__VALUE__") == 1
+    return text.replace("__VALUE__", raw)
+
+
+@pytest.mark.parametrize(("section", "key", "raw", "expected"), [
+    ("cnn", "learning_rate", "1e-05", 1e-5),  # what DVC writes for -S cnn.learning_rate=1e-5
+    ("cnn", "learning_rate", "1e-5", 1e-5),
+    ("cnn", "dropout", ".5", 0.5),
+    ("dataset", "deadline_s", "1.5e3", 1500.0),
+    ("train", "resume", "true", True),
+    ("split", "group_near_duplicates", "false", False),
+    ("evaluate", "external_path", '"1e3"', "1e3"),  # quoted: stays text
+    ("dataset", "path", "'007'", "007"),
+    ("cnn", "filters", "[16, 32]", [16, 32]),
+    ("cnn", "filters", "\n  - 16\n  - 32", [16, 32]),
+])
+def test_values_are_read_as_dvc_writes_them(tmp_path: Path, section: str, key: str, raw: str, expected) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(params_text(section, key, raw))
+    value = load(path)[section][key]
+    assert value == expected and type(value) is type(expected)
+
+
+def test_yaml_1_1_spellings_are_text(tmp_path: Path) -> None:
+    """`off` is false to YAML 1.1 but text to YAML 1.2 (and to DVC), so it fails as text would."""
+    path = tmp_path / "params.yaml"
+    path.write_text(params_text("train", "mixed_precision", "off"))
+    with pytest.raises(ParamsError, match=r"^train\.mixed_precision: 'off' is not one of"):
+        load(path)
+
+
+@pytest.mark.parametrize("text", ["split:\n  test_ratio: [0.2\n  seed: 42\n", "split: 1\nsplit: 2\n"])
+def test_invalid_yaml_is_one_line_with_the_place(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError, match=r"not valid YAML \(.* at line \d+, column \d+\)$") as err:
+        load(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+# --- dataset: download bounds ----------------------------------------------------------------------
+
+def test_download_bounds_default_in_the_committed_file() -> None:
+    dataset = load(ROOT / "params.yaml")["dataset"]
+    assert dataset["deadline_s"] == 3600 and dataset["min_rate_kbps"] == 1 and dataset["timeout_s"] == 30
+
+
+@pytest.mark.parametrize(("key", "raw"), [("timeout_s", ".inf"), ("timeout_s", "1e300"), ("timeout_s", ".nan"),
+                                          ("timeout_s", "3601"), ("timeout_s", "0"), ("deadline_s", ".inf"),
+                                          ("deadline_s", "0"), ("min_rate_kbps", "-1"), ("min_rate_kbps", ".inf")])
+def test_unbounded_download_times_are_one_line_errors(tmp_path: Path, key: str, raw: str) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(params_text("dataset", key, raw))
+    with pytest.raises(ParamsError, match=rf"^dataset\.{key}: ") as err:
+        load(path)
+    assert "\n" not in str(err.value)
+
+
+def test_no_minimum_rate_is_allowed() -> None:
+    assert validate(mutated(dataset__min_rate_kbps=0))["dataset"]["min_rate_kbps"] == 0

@@ -81,7 +81,9 @@ def test_xlsx_table_as_published(tmp_path: Path) -> None:
     root.mkdir()
     table.to_excel(root / "patient details.xlsx", index=False)
     read = read_table(root / "patient details.xlsx")
-    assert list(read.columns) == ["patient_id", "t_score", "diagnosis"]
+    # the label columns first; age, sex and weight where the table has them (the clinical baselines)
+    assert list(read.columns)[:3] == ["patient_id", "t_score", "diagnosis"]
+    assert set(read.columns) <= {"patient_id", "t_score", "diagnosis", "age", "sex", "weight"}
     assert read["diagnosis"].iloc[0] == "normal"  # stripped and lower-cased
     result = audit_patient_table(root, INDEX)
     assert result["file"] == "patient details.xlsx"

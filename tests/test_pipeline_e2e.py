@@ -22,6 +22,13 @@ def test_dvc_pipeline_end_to_end(project):
         assert 0 <= entry["accuracy"] <= 1
         assert entry["ci95"]["accuracy"]["low"] <= entry["accuracy"] <= entry["ci95"]["accuracy"]["high"]
     assert metrics["resnet"]["weights_source"] == "random"  # no network here: said, not hidden
+    # every run scores the baselines on the same test images, and each model against the best of them
+    assert {"chance", "majority", "thumbnail_logistic"} <= set(metrics["baselines"])
+    for model in ("cnn", "resnet"):
+        versus = metrics[model]["vs_best_baseline"]
+        assert versus["baseline"] in metrics["baselines"] and versus["low"] <= versus["macro_f1_difference"] <= versus["high"]
+        assert metrics[model]["folds"] == 2 and isinstance(metrics[model]["no_skill"], bool)
+    assert "Baselines on the same test images" in (project / "reports/README.md").read_text()
     for output in ("models/cnn.keras", "models/resnet.keras", "reports/figures/cnn_confusion.png",
                    "reports/README.md", "reports/eval/cnn/predictions.csv", "reports/train/cnn/metrics.json"):
         assert (project / output).is_file(), output

@@ -25,7 +25,7 @@ from kneexray.evaluation import predict_proba
 from kneexray.gradcam import GradCam, gradcam, gradcam_grid, overlay, pick_examples, save_explanation
 from kneexray.images import ImageError
 from kneexray.inputs import load_images
-from kneexray.models import build_cnn, build_resnet
+from kneexray.models import build_cnn, build_head, build_resnet
 from kneexray.predict import collect_inputs, load_for_model, predict_files, write_csv, write_json
 from kneexray.training import load_model, save_model
 
@@ -200,7 +200,8 @@ def test_monochrome1_loads_inverted(inputs):
 def test_predict_files_agrees_with_the_evaluate_path(model_path, trained, inputs):
     paths = [inputs / "knee.png", inputs / "knee_jpeg.jpg", inputs / "knee16.png"]
     rows = predict_files(model_path, paths, batch_size=2)
-    expected = predict_proba(trained, load_images(paths, SIZE), batch_size=32)
+    assert sorted(Path(r["path"]).name for r in rows) == sorted(p.name for p in paths)
+    expected = predict_proba(trained, load_images([Path(r["path"]) for r in rows], SIZE), batch_size=32)
     got = np.array([list(r["probabilities"].values()) for r in rows])
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
@@ -250,11 +251,12 @@ def test_gradcam_on_the_resnet(tmp_path):
     keras.utils.set_random_seed(0)
     size = 64  # conv5 is 2x2 at 64 px (1x1 at 32 px: a constant heatmap)
     base = keras.applications.ResNet50(weights=None, include_top=False, input_shape=(size, size, 3), pooling="avg")
-    model = build_resnet(size, base=base, dense_units=8, dropout=0.1)
+    head_model = build_head(2048, dense_units=8, dropout=0.1)
+    model = build_resnet(size, base=base, head=head_model)
     # Random weights often leave no positive evidence at all (an all-zero heatmap). This head makes
     # class 0 the sum of the pooled features instead, so every gradient is the same positive number
     # and the heatmap must be the channel sum of conv5_block3_out, upsampled.
-    hidden, head = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    hidden, head = [layer for layer in head_model.layers if isinstance(layer, keras.layers.Dense)]
     hidden.set_weights([np.full((2048, 8), 1e-3, np.float32), np.zeros(8, np.float32)])
     head.set_weights([np.eye(8, 3, dtype=np.float32) * [1, 0, 0], np.zeros(3, np.float32)])
     images = np.stack([blob_images(2, seed=5, side=size)[0][1], full_range_image(seed=6, side=size)])
