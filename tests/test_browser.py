@@ -166,5 +166,5 @@ def test_html_report_renders_offline(report, browser, artifacts):
     open_offline(browser, report, artifacts / "report.png", IMAGES_DECODED)
     images = browser.evaluate("[...document.images].map(i => [i.naturalWidth, i.src.slice(0, 22)])")
     assert len(images) == IMAGE_PLOTS and all(w > 0 and src == "data:image/png;base64," for w, src in images)
-    assert browser.evaluate("document.querySelectorAll('table').length") == 2
+    assert browser.evaluate("document.querySelectorAll('table').length") == 4  # models, baselines, models against the best baseline, split
     assert browser.evaluate("document.querySelectorAll('script').length") == 0

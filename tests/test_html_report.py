@@ -69,7 +69,7 @@ def test_report_is_one_self_contained_file(reports):
     for model in ("cnn", "resnet"):
         for name in ("accuracy", "macro_f1", "macro_auc"):
             assert f"<td>{format_with_ci(metrics[model], name)}</td>" in page
-    assert page.count("<table>") == 2  # models, split
+    assert page.count("<table>") == 4  # models, baselines, models against the best baseline, split
     # the audit and split reports attached, in full
     for name in ("data_audit.json", "split.json"):
         data = json.loads((reports / name).read_text())
