@@ -1,9 +1,11 @@
-# make repro: set up (once) and run the DVC pipeline.
-# make test:  set up (once) and run the test suite.
-# make setup: .venv from requirements.txt, and the page template that makes `dvc plots show` render
-#             offline (vega, vega-lite, vega-embed from package-lock.json via `npm ci`, inlined).
+# make help:       this list.
+# make repro:      set up (once) and run the DVC pipeline.
+# make test:       set up (once) and run the test suite.
+# make lint:       ruff (lint, import order, format check) and mypy, configured in pyproject.toml.
+# make setup:      .venv from requirements.txt, and the page template that makes `dvc plots show` render
+#                  offline (vega, vega-lite, vega-embed from the vl-convert-python wheel, inlined; Python only).
+# make clean-venv: remove .venv (the next setup rebuilds it).
 PYTHON ?= python3
-NPM ?= npm
 VENV ?= .venv
 BIN := $(VENV)/bin
 PLOTS_TEMPLATE := build/dvc_plots_template.html
@@ -11,7 +13,10 @@ PLOTS_TEMPLATE := build/dvc_plots_template.html
 export PATH := $(abspath $(BIN)):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup repro test bench clean-venv
+.PHONY: help setup repro test lint clean-venv
+
+help:
+	@sed -n 's/^# make /make /p' Makefile
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,13 +24,8 @@ $(VENV)/.installed: requirements.txt
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	touch $@
 
-node_modules/.installed: package.json package-lock.json
-	@command -v $(NPM) >/dev/null || { echo "npm not found: install Node.js and npm (e.g. apt-get install nodejs npm)"; exit 1; }
-	$(NPM) ci --no-audit --no-fund --loglevel=error
-	touch $@
-
 # Writes the template and points .dvc/config.local's plots.html_template at it.
-$(PLOTS_TEMPLATE): node_modules/.installed kneexray/offline_plots.py $(VENV)/.installed
+$(PLOTS_TEMPLATE): kneexray/offline_plots.py $(VENV)/.installed
 	$(BIN)/python -m kneexray.offline_plots --out $@
 
 setup: $(VENV)/.installed $(PLOTS_TEMPLATE)
@@ -35,7 +35,12 @@ repro: setup
 	$(BIN)/dvc repro
 
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 clean-venv:
 	rm -rf $(VENV)

@@ -125,7 +125,9 @@ def stratified_split(items: list[tuple[Path, str]], test_ratio: float, seed: int
     """The notebook's train/test split: stratified, seeded."""
     from sklearn.model_selection import train_test_split
 
-    train, test = train_test_split(items, test_size=test_ratio, random_state=seed, stratify=[label for _, label in items])
+    train, test = train_test_split(
+        items, test_size=test_ratio, random_state=seed, stratify=[label for _, label in items]
+    )
     return train, test
 
 
@@ -175,10 +177,15 @@ def notebook_metrics(y_true, proba) -> dict:
     from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
     y_true, y_pred = np.asarray(y_true), np.asarray(proba).argmax(axis=1)
-    precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=list(range(len(CLASSES))),
-                                                               average="weighted", zero_division=0)
-    return {"accuracy": float(accuracy_score(y_true, y_pred)), "weighted_precision": float(precision),
-            "weighted_recall": float(recall), "weighted_f1": float(f1)}
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        y_true, y_pred, labels=list(range(len(CLASSES))), average="weighted", zero_division=0
+    )
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "weighted_precision": float(precision),
+        "weighted_recall": float(recall),
+        "weighted_f1": float(f1),
+    }
 
 
 def bootstrap_recall_ci(y_true, proba, cls: int, *, resamples: int, seed: int, level: float = 0.95) -> dict:
@@ -215,12 +222,28 @@ def paired_delta_ci(y_true, proba_a, proba_b, *, resamples: int, seed: int, leve
         idx = rng.integers(0, n, n)
         deltas.append(f1(y_true[idx], pred_a[idx]) - f1(y_true[idx], pred_b[idx]))
     tail = (1 - level) / 2 * 100
-    return {"delta": float(f1(y_true, pred_a) - f1(y_true, pred_b)),
-            "low": float(np.percentile(deltas, tail)), "high": float(np.percentile(deltas, 100 - tail))}
+    return {
+        "delta": float(f1(y_true, pred_a) - f1(y_true, pred_b)),
+        "low": float(np.percentile(deltas, tail)),
+        "high": float(np.percentile(deltas, 100 - tail)),
+    }
 
 
-HEADLINE_KEYS = ("n_test", "test_per_class", "accuracy", "balanced_accuracy", "macro_f1", "weighted_precision",
-                 "weighted_recall", "weighted_f1", "macro_auc", "per_class", "ci95", "ece", "confusion_matrix")
+HEADLINE_KEYS = (
+    "n_test",
+    "test_per_class",
+    "accuracy",
+    "balanced_accuracy",
+    "macro_f1",
+    "weighted_precision",
+    "weighted_recall",
+    "weighted_f1",
+    "macro_auc",
+    "per_class",
+    "ci95",
+    "ece",
+    "confusion_matrix",
+)
 
 
 def our_metrics(y_true, proba, *, resamples: int = 1000, seed: int = 0) -> dict:
@@ -231,8 +254,10 @@ def our_metrics(y_true, proba, *, resamples: int = 1000, seed: int = 0) -> dict:
     out = {k: result[k] for k in HEADLINE_KEYS}
     cls = CLASSES.index("osteoporosis")
     out["osteoporosis_recall"] = result["per_class"]["osteoporosis"]["recall"]
-    out["ci95"] = {**out["ci95"], "osteoporosis_recall": bootstrap_recall_ci(y_true, proba, cls, resamples=resamples,
-                                                                            seed=seed)}
+    out["ci95"] = {
+        **out["ci95"],
+        "osteoporosis_recall": bootstrap_recall_ci(y_true, proba, cls, resamples=resamples, seed=seed),
+    }
     return out
 
 
@@ -270,8 +295,11 @@ def build_augmenter(seed: int):
         keras.layers.RandomTranslation(NOTEBOOK["shift"], NOTEBOOK["shift"], fill_mode="nearest", seed=seed + 1),
     ]
     if hasattr(keras.layers, "RandomShear"):  # Keras >= 3.8
-        layers.append(keras.layers.RandomShear(x_factor=shear_factor(NOTEBOOK["shear_deg"]), y_factor=0.0,
-                                               fill_mode="nearest", seed=seed + 2))
+        layers.append(
+            keras.layers.RandomShear(
+                x_factor=shear_factor(NOTEBOOK["shear_deg"]), y_factor=0.0, fill_mode="nearest", seed=seed + 2
+            )
+        )
     layers += [
         keras.layers.RandomZoom(NOTEBOOK["zoom"], NOTEBOOK["zoom"], fill_mode="nearest", seed=seed + 3),
         keras.layers.RandomFlip("horizontal", seed=seed + 4),
@@ -307,8 +335,9 @@ def _head_and_compile(inputs, x, cfg: dict, name: str):
         x = keras.layers.Dropout(0.5)(x)
     outputs = keras.layers.Dense(len(CLASSES), activation="softmax")(x)
     model = keras.Model(inputs, outputs, name=name)
-    model.compile(optimizer=keras.optimizers.Adam(cfg["learning_rate"]), loss="categorical_crossentropy",
-                  metrics=["accuracy"])
+    model.compile(
+        optimizer=keras.optimizers.Adam(cfg["learning_rate"]), loss="categorical_crossentropy", metrics=["accuracy"]
+    )
     return model
 
 
@@ -325,8 +354,9 @@ def build_resnet(size: int):
 
     cfg = NOTEBOOK["resnet"]
     cached = resnet_weights_cached()
-    base = keras.applications.ResNet50(include_top=False, weights="imagenet" if cached else None,
-                                       input_shape=(size, size, 3))
+    base = keras.applications.ResNet50(
+        include_top=False, weights="imagenet" if cached else None, input_shape=(size, size, 3)
+    )
     source = "imagenet" if cached else "random"
     base.trainable = False
     inputs = keras.Input((size, size, 3))
@@ -339,8 +369,16 @@ def _from_directory(folder: Path, size: int, **kwargs):
     import keras
 
     return keras.utils.image_dataset_from_directory(
-        folder, labels="inferred", label_mode="categorical", class_names=list(CLASSES), color_mode="rgb",
-        batch_size=NOTEBOOK["batch_size"], image_size=(size, size), interpolation="nearest", **kwargs)
+        folder,
+        labels="inferred",
+        label_mode="categorical",
+        class_names=list(CLASSES),
+        color_mode="rgb",
+        batch_size=NOTEBOOK["batch_size"],
+        image_size=(size, size),
+        interpolation="nearest",
+        **kwargs,
+    )
 
 
 def notebook_datasets(train_dir: Path, size: int, seed: int):
@@ -349,8 +387,9 @@ def notebook_datasets(train_dir: Path, size: int, seed: int):
     import tensorflow as tf
     from sklearn.utils.class_weight import compute_class_weight
 
-    train_raw, val_raw = _from_directory(train_dir, size, validation_split=NOTEBOOK["validation_split"],
-                                         subset="both", seed=seed, shuffle=True)
+    train_raw, val_raw = _from_directory(
+        train_dir, size, validation_split=NOTEBOOK["validation_split"], subset="both", seed=seed, shuffle=True
+    )
     train_labels = label_indices([Path(p).parent.name for p in train_raw.file_paths])
     present = np.unique(train_labels)
     weights = compute_class_weight("balanced", classes=present, y=train_labels)
@@ -374,15 +413,29 @@ def make_test_dataset(test_dir: Path, size: int):
     return raw.map(lambda x, y: (tf.cast(x, tf.float32) / 255.0, y)), [Path(p) for p in raw.file_paths]
 
 
-def run_baseline(train_items, test_items, *, size: int = 224, epochs: dict[str, int] | None = None, seed: int = 42,
-                 resamples: int = 1000, bootstrap_seed: int = 0, models=MODEL_NAMES, scratch_parent=None) -> dict:
+def run_baseline(
+    train_items,
+    test_items,
+    *,
+    size: int = 224,
+    epochs: dict[str, int] | None = None,
+    seed: int = 42,
+    resamples: int = 1000,
+    bootstrap_seed: int = 0,
+    models=MODEL_NAMES,
+    scratch_parent=None,
+) -> dict:
     """Train and test the notebook's models; metrics and probabilities in the order of test_items."""
     import keras
 
     epochs = {**{m: NOTEBOOK[m]["epochs"] for m in MODEL_NAMES}, **(epochs or {})}
     y_test = label_indices([label for _, label in test_items])
-    out = {"n_train_given": len(train_items), "n_test": len(test_items),
-           "test": [{"path": str(p), "label": label} for p, label in test_items], "models": {}}
+    out = {
+        "n_train_given": len(train_items),
+        "n_test": len(test_items),
+        "test": [{"path": str(p), "label": label} for p, label in test_items],
+        "models": {},
+    }
     started = time.perf_counter()
     with notebook_folders(train_items, test_items, scratch_parent) as (train_dir, test_dir, test_copies):
         out["copy_s"] = round(time.perf_counter() - started, 2)
@@ -394,10 +447,14 @@ def run_baseline(train_items, test_items, *, size: int = 224, epochs: dict[str, 
                 model, source = build_cnn(size), "none (trained from scratch)"
             else:
                 model, source = build_resnet(size)
-            print(f"baseline {name}: {counts['train']} train / {counts['val']} val images, class weights "
-                  f"{class_weight}, weights {source}, {model.count_params():,} parameters", flush=True)
-            history = model.fit(train_ds, validation_data=val_ds, epochs=epochs[name], class_weight=class_weight,
-                                verbose=2)
+            print(
+                f"baseline {name}: {counts['train']} train / {counts['val']} val images, class weights "
+                f"{class_weight}, weights {source}, {model.count_params():,} parameters",
+                flush=True,
+            )
+            history = model.fit(
+                train_ds, validation_data=val_ds, epochs=epochs[name], class_weight=class_weight, verbose=2
+            )
             train_s = time.perf_counter() - t0
             t1 = time.perf_counter()
             test_ds, order = make_test_dataset(test_dir, size)
@@ -435,8 +492,12 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs-cnn", type=int, default=NOTEBOOK["cnn"]["epochs"])
     parser.add_argument("--epochs-resnet", type=int, default=NOTEBOOK["resnet"]["epochs"])
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--limit", type=int, help="smoke tests: with --data, N images in all; with lists, N training "
-                                                  "images and about N/4 test images (stratified, seeded)")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        help="smoke tests: with --data, N images in all; with lists, N training "
+        "images and about N/4 test images (stratified, seeded)",
+    )
     parser.add_argument("--models", default=",".join(MODEL_NAMES), help="comma-separated: cnn,resnet")
     parser.add_argument("--seed", type=int, default=42, help="split, validation split, augmentation and weights seed")
     parser.add_argument("--bootstrap-seed", type=int, default=0)
@@ -462,22 +523,37 @@ def main(argv=None) -> None:
             train_items = stratified_subset(train_items, args.limit, args.seed)
             test_items = stratified_subset(test_items, max(3, round(args.limit / 4)), args.seed)
 
-    result = run_baseline(train_items, test_items, size=args.image_size, seed=args.seed, resamples=args.resamples,
-                          bootstrap_seed=args.bootstrap_seed, models=models,
-                          epochs={"cnn": args.epochs_cnn, "resnet": args.epochs_resnet})
-    result["settings"] = {"image_size": args.image_size, "seed": args.seed, "limit": args.limit,
-                          "epochs": {"cnn": args.epochs_cnn, "resnet": args.epochs_resnet},
-                          "resamples": args.resamples, "bootstrap_seed": args.bootstrap_seed, "notebook": NOTEBOOK,
-                          "random_shear_layer": hasattr(__import__("keras").layers, "RandomShear")}
+    result = run_baseline(
+        train_items,
+        test_items,
+        size=args.image_size,
+        seed=args.seed,
+        resamples=args.resamples,
+        bootstrap_seed=args.bootstrap_seed,
+        models=models,
+        epochs={"cnn": args.epochs_cnn, "resnet": args.epochs_resnet},
+    )
+    result["settings"] = {
+        "image_size": args.image_size,
+        "seed": args.seed,
+        "limit": args.limit,
+        "epochs": {"cnn": args.epochs_cnn, "resnet": args.epochs_resnet},
+        "resamples": args.resamples,
+        "bootstrap_seed": args.bootstrap_seed,
+        "notebook": NOTEBOOK,
+        "random_shear_layer": hasattr(__import__("keras").layers, "RandomShear"),
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     for name, m in result["models"].items():
         ci = m["metrics"]["ci95"]
-        print(f"baseline {name} ({m['weights_source']}, {m['epochs_run']} epochs, {m['train_s']:.0f} s): "
-              f"accuracy {m['metrics']['accuracy']:.3f}, macro-F1 {m['metrics']['macro_f1']:.3f} "
-              f"[{ci['macro_f1']['low']:.3f}, {ci['macro_f1']['high']:.3f}], osteoporosis recall "
-              f"{m['metrics']['osteoporosis_recall']:.3f}; notebook: {m['notebook_metrics']}")
+        print(
+            f"baseline {name} ({m['weights_source']}, {m['epochs_run']} epochs, {m['train_s']:.0f} s): "
+            f"accuracy {m['metrics']['accuracy']:.3f}, macro-F1 {m['metrics']['macro_f1']:.3f} "
+            f"[{ci['macro_f1']['low']:.3f}, {ci['macro_f1']['high']:.3f}], osteoporosis recall "
+            f"{m['metrics']['osteoporosis_recall']:.3f}; notebook: {m['notebook_metrics']}"
+        )
     print(f"wrote {out}")
 
 

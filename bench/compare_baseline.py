@@ -96,16 +96,20 @@ def _measure_main(out: str, cmd: list[str]) -> int:
     wall = time.perf_counter() - started
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     mib = 1024 * 1024
-    Path(out).write_text(json.dumps({
-        "returncode": child.returncode,
-        "wall_s": round(wall, 1),
-        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
-        "peak_tree_mib": round(peak_tree / mib, 1),
-        "largest_process_mib": round(usage.ru_maxrss / 1024, 1),  # ru_maxrss is in KiB on Linux
-        "sampled_largest_process_mib": round(peak_single / mib, 1),
-        "samples": samples,
-        "sample_interval_s": SAMPLE_INTERVAL_S,
-    }))
+    Path(out).write_text(
+        json.dumps(
+            {
+                "returncode": child.returncode,
+                "wall_s": round(wall, 1),
+                "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+                "peak_tree_mib": round(peak_tree / mib, 1),
+                "largest_process_mib": round(usage.ru_maxrss / 1024, 1),  # ru_maxrss is in KiB on Linux
+                "sampled_largest_process_mib": round(peak_single / mib, 1),
+                "samples": samples,
+                "sample_interval_s": SAMPLE_INTERVAL_S,
+            }
+        )
+    )
     return child.returncode
 
 
@@ -115,8 +119,9 @@ def measure(cmd: list[str], *, cwd: Path, env: dict, label: str) -> tuple[dict, 
     os.close(fd)
     try:
         wrapper = [sys.executable, str(Path(__file__).resolve()), "_measure", out, "--", *cmd]
-        proc = subprocess.Popen(wrapper, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1)
+        proc = subprocess.Popen(
+            wrapper, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
         lines = []
         for line in proc.stdout:
             lines.append(line)
@@ -182,8 +187,16 @@ def differing_files(root: Path, clone: Path) -> list[str]:
             if not (a.is_file() and b.is_file() and filecmp.cmp(a, b, shallow=False)):
                 out.append(name)
             continue
-        files = {p.relative_to(a) for p in a.rglob("*") if p.is_file() and "__pycache__" not in p.parts} if a.is_dir() else set()
-        files |= {p.relative_to(b) for p in b.rglob("*") if p.is_file() and "__pycache__" not in p.parts} if b.is_dir() else set()
+        files = (
+            {p.relative_to(a) for p in a.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+            if a.is_dir()
+            else set()
+        )
+        files |= (
+            {p.relative_to(b) for p in b.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+            if b.is_dir()
+            else set()
+        )
         for rel in sorted(files):
             if not ((a / rel).is_file() and (b / rel).is_file() and filecmp.cmp(a / rel, b / rel, shallow=False)):
                 out.append(f"{name}/{rel.as_posix()}")
@@ -216,8 +229,9 @@ def compare(ours: dict, base: dict, y_test, proba_ours: dict, proba_base: dict, 
     }
     for m in MODELS:
         if m in proba_ours and m in proba_base:
-            out["macro_f1_delta"][m] = baseline.paired_delta_ci(y_test, proba_ours[m], proba_base[m],
-                                                                resamples=resamples, seed=seed)
+            out["macro_f1_delta"][m] = baseline.paired_delta_ci(
+                y_test, proba_ours[m], proba_base[m], resamples=resamples, seed=seed
+            )
     out["met"] = {
         "wall": out["wall_ratio"] is not None and out["wall_ratio"] <= TARGETS["wall_ratio_max"],
         "memory": out["memory_ratio"] is not None and out["memory_ratio"] <= TARGETS["memory_ratio_max"],
@@ -235,9 +249,13 @@ def format_table(summary: dict) -> str:
     ours, base, comp = summary["ours"], summary["baseline"], summary["comparison"]
     models = [m for m in MODELS if m in ours["models"] and m in base["models"]]
     head = "| | " + " | ".join(f"{MODEL_TITLES[m]} ours | {MODEL_TITLES[m]} baseline" for m in models) + " |"
-    lines = [f"Test set: {summary['test_set']['n_test']} images, the same for both "
-             f"({', '.join(f'{c} {n}' for c, n in summary['test_set']['per_class'].items())}).", "",
-             head, "|---" * (1 + 2 * len(models)) + "|"]
+    lines = [
+        f"Test set: {summary['test_set']['n_test']} images, the same for both "
+        f"({', '.join(f'{c} {n}' for c, n in summary['test_set']['per_class'].items())}).",
+        "",
+        head,
+        "|---" * (1 + 2 * len(models)) + "|",
+    ]
 
     def row(title, fn):
         cells = [cell for m in models for cell in (fn(ours["models"][m]), fn(base["models"][m]))]
@@ -251,27 +269,46 @@ def format_table(summary: dict) -> str:
     row("training time (s)", lambda r: f"{r['train_s']:.0f}" if r.get("train_s") is not None else "n/a")
     row("weights", lambda r: r["weights_source"])
     deltas = comp["macro_f1_delta"]
-    lines.append("| macro-F1 ours − baseline [paired 95% CI] | "
-                 + " | ".join(f"{deltas[m]['delta']:+.3f} [{deltas[m]['low']:+.2f}, {deltas[m]['high']:+.2f}] | "
-                              f"target ≥ 0: {_yes(comp['met'][f'macro_f1_{m}'])}" for m in models) + " |")
+    lines.append(
+        "| macro-F1 ours − baseline [paired 95% CI] | "
+        + " | ".join(
+            f"{deltas[m]['delta']:+.3f} [{deltas[m]['low']:+.2f}, {deltas[m]['high']:+.2f}] | "
+            f"target ≥ 0: {_yes(comp['met'][f'macro_f1_{m}'])}"
+            for m in models
+        )
+        + " |"
+    )
     o, b = ours["run"], base["run"]
-    lines += ["", "| whole run (both models) | ours | baseline | ours / baseline | target |", "|---|---|---|---|---|",
-              f"| wall time (s) | {o['wall_s']:.0f} | {b['wall_s']:.0f} | {comp['wall_ratio']} | "
-              f"≤ 0.33: {_yes(comp['met']['wall'])} |",
-              f"| CPU time (s) | {o['cpu_s']:.0f} | {b['cpu_s']:.0f} | {comp['cpu_ratio']} | |",
-              f"| peak memory, process tree (MiB) | {o['peak_tree_mib']:.0f} | {b['peak_tree_mib']:.0f} | "
-              f"{comp['memory_ratio']} | ≤ 1: {_yes(comp['met']['memory'])} |",
-              f"| peak memory, largest process (MiB) | {o['largest_process_mib']:.0f} | {b['largest_process_mib']:.0f} | "
-              f"{comp['largest_process_memory_ratio']} | |"]
-    notes = ["", "Training time: ours is the DVC stage (Python start, TensorFlow import, decoding once, fit); "
-             "the baseline's is model build + fit (decoding every epoch), inside one process."]
-    if any(r["weights_source"] == "random" for side in (ours, base) for m, r in side["models"].items() if m == "resnet"):
-        notes.append("A ResNet50 ran with RANDOM weights (no ImageNet weights in the Keras cache): "
-                     "its figures are not transfer learning.")
+    lines += [
+        "",
+        "| whole run (both models) | ours | baseline | ours / baseline | target |",
+        "|---|---|---|---|---|",
+        f"| wall time (s) | {o['wall_s']:.0f} | {b['wall_s']:.0f} | {comp['wall_ratio']} | "
+        f"≤ 0.33: {_yes(comp['met']['wall'])} |",
+        f"| CPU time (s) | {o['cpu_s']:.0f} | {b['cpu_s']:.0f} | {comp['cpu_ratio']} | |",
+        f"| peak memory, process tree (MiB) | {o['peak_tree_mib']:.0f} | {b['peak_tree_mib']:.0f} | "
+        f"{comp['memory_ratio']} | ≤ 1: {_yes(comp['met']['memory'])} |",
+        f"| peak memory, largest process (MiB) | {o['largest_process_mib']:.0f} | {b['largest_process_mib']:.0f} | "
+        f"{comp['largest_process_memory_ratio']} | |",
+    ]
+    notes = [
+        "",
+        "Training time: ours is the DVC stage (Python start, TensorFlow import, decoding once, fit); "
+        "the baseline's is model build + fit (decoding every epoch), inside one process.",
+    ]
+    if any(
+        r["weights_source"] == "random" for side in (ours, base) for m, r in side["models"].items() if m == "resnet"
+    ):
+        notes.append(
+            "A ResNet50 ran with RANDOM weights (no ImageNet weights in the Keras cache): "
+            "its figures are not transfer learning."
+        )
     differs = ours.get("working_tree_differs") or []
     if differs:
-        notes.append(f"Ours ran the COMMITTED code (a git clone): {len(differs)} pipeline file(s) differ in the working "
-                     f"tree ({', '.join(differs[:6])}{' ...' if len(differs) > 6 else ''}); commit them to measure them.")
+        notes.append(
+            f"Ours ran the COMMITTED code (a git clone): {len(differs)} pipeline file(s) differ in the working "
+            f"tree ({', '.join(differs[:6])}{' ...' if len(differs) > 6 else ''}); commit them to measure them."
+        )
     if summary["settings"].get("limit") or summary["settings"].get("epochs_override"):
         notes.append("SMOKE SETTINGS (--limit/--epochs/--image-size): these figures say nothing about the methods.")
     return "\n".join(lines + notes) + "\n"
@@ -298,30 +335,45 @@ def run_ours(source: Path, scratch: Path, overrides: list[str], env: dict) -> tu
         server.shutdown()
     if run.get("returncode") != 0:
         sys.exit(f"error: our pipeline failed ({' '.join(cmd)}); its output is above")
-    ours = {"command": " ".join(cmd).replace(url, "<local-url>"), "run": run,
-            "stage_s": real_data.stage_times(log), "working_tree_differs": differs, "models": {}}
+    ours = {
+        "command": " ".join(cmd).replace(url, "<local-url>"),
+        "run": run,
+        "stage_s": real_data.stage_times(log),
+        "working_tree_differs": differs,
+        "models": {},
+    }
     stage_s = ours["stage_s"]
     for m in MODELS:
         meta = model_metadata(repo / "models" / f"{m}.keras")
-        ours["models"][m] = {"weights_source": meta["weights_source"], "epochs_run": meta["epochs_run"],
-                             "train_images": meta.get("train_images"), "train_s": stage_s.get(f"train_{m}")}
+        ours["models"][m] = {
+            "weights_source": meta["weights_source"],
+            "epochs_run": meta["epochs_run"],
+            "train_images": meta.get("train_images"),
+            "train_s": stage_s.get(f"train_{m}"),
+        }
     return ours, repo
 
 
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "_measure":
         sep = sys.argv.index("--")
-        sys.exit(_measure_main(sys.argv[2], sys.argv[sep + 1:]))
+        sys.exit(_measure_main(sys.argv[2], sys.argv[sep + 1 :]))
 
     import pandas as pd
     import yaml
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/knee-xray-mendeley"))
-    parser.add_argument("--limit", type=int, help="smoke tests: a stratified subset of about N images (copied to /tmp); "
-                                                  "also sets split.val_ratio=0.25 for ours unless --set gives it")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        help="smoke tests: a stratified subset of about N images (copied to /tmp); "
+        "also sets split.val_ratio=0.25 for ours unless --set gives it",
+    )
     parser.add_argument("--epochs", type=int, help="smoke tests: this many epochs for every model, both methods")
-    parser.add_argument("--image-size", type=int, help="both methods, both models (default: params.yaml cnn.image_size)")
+    parser.add_argument(
+        "--image-size", type=int, help="both methods, both models (default: params.yaml cnn.image_size)"
+    )
     parser.add_argument("--set", action="append", default=[], help="extra `dvc exp run -S` overrides for ours")
     parser.add_argument("--seed", type=int, default=42, help="subset and baseline seed (default 42)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "baseline_comparison.json"))
@@ -346,8 +398,13 @@ def main() -> None:
     boot_seed = override_value(overrides, "evaluate.seed", params["evaluate"]["seed"])
     epochs_base = {m: args.epochs or baseline.NOTEBOOK[m]["epochs"] for m in MODELS}
 
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "TF_CPP_MIN_LOG_LEVEL": "2", "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "DVC_NO_ANALYTICS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="kneexray-compare-") as scratch:
         scratch = Path(scratch)
@@ -369,20 +426,39 @@ def main() -> None:
                 sys.exit(f"error: reports/eval/{m}/predictions.csv is not in test.csv's order")
             proba_ours[m] = pred[[f"p_{c}" for c in CLASSES]].to_numpy()
             ours["models"][m]["max_epochs"] = max_epochs[m]
-            ours["models"][m]["metrics"] = baseline.our_metrics(y_test, proba_ours[m], resamples=resamples,
-                                                                seed=boot_seed)
+            ours["models"][m]["metrics"] = baseline.our_metrics(
+                y_test, proba_ours[m], resamples=resamples, seed=boot_seed
+            )
 
         # the baseline: our train + val images, our test images, as the original files
         train_items = original_files(pd.concat([splits["train"], splits["val"]]), index, data)
         test_items = original_files(test_rows, index, data)
         for name, items in (("train", train_items), ("test", test_items)):
-            pd.DataFrame({"path": [str(p) for p, _ in items], "label": [lab for _, lab in items]}) \
-                .to_csv(scratch / f"baseline_{name}.csv", index=False)
-        cmd = [sys.executable, str(BENCH / "baseline_notebook.py"), "--train-list", str(scratch / "baseline_train.csv"),
-               "--test-list", str(scratch / "baseline_test.csv"), "--out", str(scratch / "baseline.json"),
-               "--image-size", str(size), "--epochs-cnn", str(epochs_base["cnn"]),
-               "--epochs-resnet", str(epochs_base["resnet"]), "--seed", str(args.seed),
-               "--resamples", str(resamples), "--bootstrap-seed", str(boot_seed)]
+            pd.DataFrame({"path": [str(p) for p, _ in items], "label": [lab for _, lab in items]}).to_csv(
+                scratch / f"baseline_{name}.csv", index=False
+            )
+        cmd = [
+            sys.executable,
+            str(BENCH / "baseline_notebook.py"),
+            "--train-list",
+            str(scratch / "baseline_train.csv"),
+            "--test-list",
+            str(scratch / "baseline_test.csv"),
+            "--out",
+            str(scratch / "baseline.json"),
+            "--image-size",
+            str(size),
+            "--epochs-cnn",
+            str(epochs_base["cnn"]),
+            "--epochs-resnet",
+            str(epochs_base["resnet"]),
+            "--seed",
+            str(args.seed),
+            "--resamples",
+            str(resamples),
+            "--bootstrap-seed",
+            str(boot_seed),
+        ]
         print("== baseline: the notebook's method on the same images ==", file=sys.stderr, flush=True)
         run, _ = measure(cmd, cwd=ROOT, env=env, label="baseline")
         if run.get("returncode") != 0:
@@ -395,19 +471,41 @@ def main() -> None:
     proba_base = {m: r.pop("probabilities") for m, r in result["models"].items()}
     for r in result["models"].values():
         r.pop("history", None)
-    base = {"command": " ".join(cmd).replace(str(scratch), "<scratch>"), "run": run,
-            "copy_s": result["copy_s"], "models": result["models"], "n_train": len(train_items)}
+    base = {
+        "command": " ".join(cmd).replace(str(scratch), "<scratch>"),
+        "run": run,
+        "copy_s": result["copy_s"],
+        "models": result["models"],
+        "n_train": len(train_items),
+    }
     summary = {
-        "settings": {"data": str(data), "limit": args.limit, "epochs_override": args.epochs, "image_size": size,
-                     "overrides": overrides, "seed": args.seed, "bootstrap_resamples": resamples,
-                     "bootstrap_seed": boot_seed,
-                     "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                 "python": platform.python_version(), "loadavg_before": load_before,
-                                 "loadavg_after": load_after}},
-        "test_set": {"n_test": len(test_rows), "per_class": {c: int((test_rows["label"] == c).sum()) for c in CLASSES},
-                     "paths": test_rows["path"].tolist()},
-        "train_set": {"ours_train": len(splits["train"]), "ours_val": len(splits["val"]),
-                      "baseline_train_and_val": len(train_items)},
+        "settings": {
+            "data": str(data),
+            "limit": args.limit,
+            "epochs_override": args.epochs,
+            "image_size": size,
+            "overrides": overrides,
+            "seed": args.seed,
+            "bootstrap_resamples": resamples,
+            "bootstrap_seed": boot_seed,
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+                "loadavg_before": load_before,
+                "loadavg_after": load_after,
+            },
+        },
+        "test_set": {
+            "n_test": len(test_rows),
+            "per_class": {c: int((test_rows["label"] == c).sum()) for c in CLASSES},
+            "paths": test_rows["path"].tolist(),
+        },
+        "train_set": {
+            "ours_train": len(splits["train"]),
+            "ours_val": len(splits["val"]),
+            "baseline_train_and_val": len(train_items),
+        },
         "ours": ours,
         "baseline": base,
     }

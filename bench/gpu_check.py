@@ -58,12 +58,20 @@ def check_params(args: argparse.Namespace, policy: str) -> dict:
     params["dataset"]["source"] = "phantom"
     # Only speed is measured: balanced classes let a small check split too. The phantom is drawn at its
     # own size (256 px) and resized by the training input.
-    params["phantom"].update(n_images=args.images, class_fractions={label: 1 / 3 for label in params["phantom"]["class_fractions"]})
+    params["phantom"].update(
+        n_images=args.images, class_fractions={label: 1 / 3 for label in params["phantom"]["class_fractions"]}
+    )
     params["image"].update(batch_size=args.batch)
     params["cnn"].update(image_size=args.size)
     params["resnet"].update(image_size=args.size)
-    params["train"].update(mixed_precision=policy, jit_compile=args.jit, patience=args.epochs, strategy="auto",
-                           folds=1, min_epochs=args.epochs)  # one model, every epoch: throughput only
+    params["train"].update(
+        mixed_precision=policy,
+        jit_compile=args.jit,
+        patience=args.epochs,
+        strategy="auto",
+        folds=1,
+        min_epochs=args.epochs,
+    )  # one model, every epoch: throughput only
     for model in ("cnn", "resnet"):
         params[model]["epochs"] = args.epochs
     params["resnet"]["fine_tune_layers"] = 0
@@ -73,8 +81,9 @@ def check_params(args: argparse.Namespace, policy: str) -> dict:
 def stage(args: list[str], params: Path) -> str:
     """Run one stage script; returns its log (stderr), failing with it."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    result = subprocess.run([sys.executable, "-m", *args, "--params", str(params)], cwd=ROOT, env=env,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", *args, "--params", str(params)], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     if result.returncode != 0:
         sys.exit(f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result.stdout + result.stderr
@@ -93,30 +102,67 @@ def main() -> None:
     gpus = gpu_names()
     policies = (args.policies or ("float32,mixed_float16" if gpus else "float32,mixed_bfloat16")).split(",")
 
-    results = {"device": ", ".join(gpus) or f"CPU only ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
-               "gpus": len(gpus), "images": args.images, "size": args.size, "batch_per_replica": args.batch,
-               "epochs": args.epochs, "jit_compile": args.jit, "images_per_s": {}}
+    results = {
+        "device": ", ".join(gpus) or f"CPU only ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+        "gpus": len(gpus),
+        "images": args.images,
+        "size": args.size,
+        "batch_per_replica": args.batch,
+        "epochs": args.epochs,
+        "jit_compile": args.jit,
+        "images_per_s": {},
+    }
     with tempfile.TemporaryDirectory(prefix="kneexray-gpu-check-") as scratch:
         work = Path(scratch)
         params_file = work / "params.yaml"
         params_file.write_text(yaml.safe_dump(check_params(args, policies[0])))
         raw, data, split, reports = work / "raw.zip", work / "extracted", work / "split", work / "reports"
         stage(["stages.fetch", "--out", str(raw)], params_file)
-        stage(["stages.extract", "--archive", str(raw), "--out", str(data), "--audit", str(reports / "audit.json"),
-               "--audit-details", str(reports / "audit_details.json")], params_file)
-        stage(["stages.split", "--data", str(data), "--out", str(split), "--report", str(reports / "split.json")],
-              params_file)
-        results["train_images"] = sum(json.loads((reports / "split.json").read_text())["images_per_split"]["train"].values())
+        stage(
+            [
+                "stages.extract",
+                "--archive",
+                str(raw),
+                "--out",
+                str(data),
+                "--audit",
+                str(reports / "audit.json"),
+                "--audit-details",
+                str(reports / "audit_details.json"),
+            ],
+            params_file,
+        )
+        stage(
+            ["stages.split", "--data", str(data), "--out", str(split), "--report", str(reports / "split.json")],
+            params_file,
+        )
+        results["train_images"] = sum(
+            json.loads((reports / "split.json").read_text())["images_per_split"]["train"].values()
+        )
         for policy in policies:
             params_file.write_text(yaml.safe_dump(check_params(args, policy)))
             for model in ("cnn", "resnet"):
-                log = stage(["stages.train", model, "--split", str(split), "--data", str(data),
-                             "--out", str(work / f"{model}-{policy}.keras"), "--live", str(work / "live" / policy / model)],
-                            params_file)
+                log = stage(
+                    [
+                        "stages.train",
+                        model,
+                        "--split",
+                        str(split),
+                        "--data",
+                        str(data),
+                        "--out",
+                        str(work / f"{model}-{policy}.keras"),
+                        "--live",
+                        str(work / "live" / policy / model),
+                    ],
+                    params_file,
+                )
                 rates = epoch_rates(log)
                 results["images_per_s"].setdefault(model, {})[policy] = {
-                    "median": round(steady_rate(rates), 1), "per_epoch": rates}
-    for model, by_policy in results["images_per_s"].items():
+                    "median": round(steady_rate(rates), 1),
+                    "per_epoch": rates,
+                }
+    for by_policy in results["images_per_s"].values():
         base = by_policy[policies[0]]["median"]
         for figures in by_policy.values():
             figures["speedup"] = round(figures["median"] / base, 2)
@@ -124,12 +170,18 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"device: {results['device']}; {results['train_images']} train images at {args.size} px, "
-          f"batch {args.batch} per replica, XLA {'on' if args.jit else 'off'}")
+    print(
+        f"device: {results['device']}; {results['train_images']} train images at {args.size} px, "
+        f"batch {args.batch} per replica, XLA {'on' if args.jit else 'off'}"
+    )
     print("| model | " + " | ".join(f"{p} images/s (speed-up)" for p in policies) + " |")
     print("|---|" + "---|" * len(policies))
     for model, by_policy in results["images_per_s"].items():
-        print(f"| {model} | " + " | ".join(f"{by_policy[p]['median']} ({by_policy[p]['speedup']}x)" for p in policies) + " |")
+        print(
+            f"| {model} | "
+            + " | ".join(f"{by_policy[p]['median']} ({by_policy[p]['speedup']}x)" for p in policies)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

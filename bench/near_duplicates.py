@@ -36,8 +36,8 @@ def edits(img: Image.Image) -> dict[str, Image.Image]:
         "JPEG quality 60": Image.open(io.BytesIO(buffer.getvalue())),
         "brightness x1.3": ImageEnhance.Brightness(img).enhance(1.3),
         "contrast x0.8": ImageEnhance.Contrast(img).enhance(0.8),
-        "cropped 3% per side": img.crop((int(w * .03), int(h * .03), w - int(w * .03), h - int(h * .03))),
-        "cropped 4% on one side": img.crop((int(w * .04), 0, w, h)),
+        "cropped 3% per side": img.crop((int(w * 0.03), int(h * 0.03), w - int(w * 0.03), h - int(h * 0.03))),
+        "cropped 4% on one side": img.crop((int(w * 0.04), 0, w, h)),
     }
 
 
@@ -59,14 +59,21 @@ def main() -> None:
         for name, edited in edits(img).items():
             d = float(pairwise_distance(np.stack([base, fingerprint(edited)]))[0, 1])
             worst[name] = max(worst.get(name, 0.0), d)
-    print(json.dumps({
-        "images": len(files),
-        "distinct_pairs": int(distinct.sum()),
-        "smallest_distinct": [{"a": files[i[k]].name, "b": files[j[k]].name, "distance": round(float(dist[i[k], j[k]]), 4)}
-                              for k in order],
-        "largest_edited_copy": {k: round(v, 4) for k, v in worst.items()},
-        "edited_images": len(images[::4]),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "images": len(files),
+                "distinct_pairs": int(distinct.sum()),
+                "smallest_distinct": [
+                    {"a": files[i[k]].name, "b": files[j[k]].name, "distance": round(float(dist[i[k], j[k]]), 4)}
+                    for k in order
+                ],
+                "largest_edited_copy": {k: round(v, 4) for k, v in worst.items()},
+                "edited_images": len(images[::4]),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

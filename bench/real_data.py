@@ -103,10 +103,19 @@ def seed_metrics(metrics: dict) -> dict[str, dict[str, float]]:
     """The per-model figures compared across runs, the baselines among them."""
     models = {model: m for model, m in metrics.items() if isinstance(m, dict) and "recall" in m}
     models.update({f"baseline_{name}": m for name, m in metrics.get("baselines", {}).items() if name != "chance"})
-    out = {model: {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "macro_auc": m["macro_auc"],
-                   "osteoporosis_recall": m["recall"]["osteoporosis"]} for model, m in models.items()}
+    out = {
+        model: {
+            "accuracy": m["accuracy"],
+            "macro_f1": m["macro_f1"],
+            "macro_auc": m["macro_auc"],
+            "osteoporosis_recall": m["recall"]["osteoporosis"],
+        }
+        for model, m in models.items()
+    }
     for model, m in models.items():
-        out[model]["no_skill"] = float(m.get("no_skill", max(m["recall"].values()) == 1.0 and sum(m["recall"].values()) == 1.0))
+        out[model]["no_skill"] = float(
+            m.get("no_skill", max(m["recall"].values()) == 1.0 and sum(m["recall"].values()) == 1.0)
+        )
         if "vs_best_baseline" in m:
             out[model]["paired_ci_low"] = m["vs_best_baseline"]["low"]
     if "chance" in metrics.get("baselines", {}):
@@ -124,8 +133,11 @@ def run_counts(per_run: dict[str, dict[str, dict[str, float]]]) -> dict[str, dic
             "runs": len(runs),
             "no_skill": sum(int(r[model]["no_skill"]) for r in runs),
             "above_chance": sum(r[model]["macro_f1"] > r["chance"]["macro_f1"] for r in runs if "chance" in r),
-            "above_thumbnail_baseline": sum(r[model]["macro_f1"] > r["baseline_thumbnail_logistic"]["macro_f1"]
-                                            for r in runs if "baseline_thumbnail_logistic" in r),
+            "above_thumbnail_baseline": sum(
+                r[model]["macro_f1"] > r["baseline_thumbnail_logistic"]["macro_f1"]
+                for r in runs
+                if "baseline_thumbnail_logistic" in r
+            ),
             "paired_ci_above_best_baseline": sum(r[model].get("paired_ci_low", -1) > 0 for r in runs),
         }
     return out
@@ -140,22 +152,32 @@ def spread_across_seeds(per_seed: dict[int, dict[str, dict[str, float]]]) -> dic
     for model in models:
         out[model] = {}
         for name in SEED_METRICS:
-            values = np.array([figures[model][name] for figures in per_seed.values() if name in figures.get(model, {})],
-                              float)
+            values = np.array(
+                [figures[model][name] for figures in per_seed.values() if name in figures.get(model, {})], float
+            )
             if not len(values):
                 continue
-            out[model][name] = {"mean": round(float(values.mean()), 3),
-                                "sd": round(float(values.std(ddof=1)), 3) if len(values) > 1 else None,
-                                "min": round(float(values.min()), 3), "max": round(float(values.max()), 3),
-                                "n_seeds": int(len(values))}
+            out[model][name] = {
+                "mean": round(float(values.mean()), 3),
+                "sd": round(float(values.std(ddof=1)), 3) if len(values) > 1 else None,
+                "min": round(float(values.min()), 3),
+                "max": round(float(values.max()), 3),
+                "n_seeds": int(len(values)),
+            }
     return out
 
 
 def seeds_table(spread: dict[str, dict[str, dict]]) -> str:
     lines = ["| model | " + " | ".join(SEED_METRICS) + " |", "|---|" + "---|" * len(SEED_METRICS)]
     for model, figures in spread.items():
-        cells = ["" if f is None else f"{f['mean']:.3f} ± {f['sd']:.3f} [{f['min']:.3f}, {f['max']:.3f}]"
-                 if f["sd"] is not None else f"{f['mean']:.3f}" for f in (figures.get(name) for name in SEED_METRICS)]
+        cells = [
+            ""
+            if f is None
+            else f"{f['mean']:.3f} ± {f['sd']:.3f} [{f['min']:.3f}, {f['max']:.3f}]"
+            if f["sd"] is not None
+            else f"{f['mean']:.3f}"
+            for f in (figures.get(name) for name in SEED_METRICS)
+        ]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n(mean ± sample SD [min, max] over runs: split seeds x training seeds)\n"
 
@@ -187,12 +209,31 @@ def run_queue(repo: Path, overrides: list[str], runs: list[tuple[int, int]], job
     """Queue one experiment per (split seed, training seed), run the queue, wait; returns name -> log."""
     names = {run: f"split-{run[0]}-train-{run[1]}" for run in runs}
     for (split_seed, train_seed), name in names.items():
-        subprocess.run(["dvc", "exp", "run", "--queue", "--name", name, *overrides, "-S", f"split.seed={split_seed}",
-                        "-S", f"train.seed={train_seed}"], cwd=repo, env=env, check=True, capture_output=True)
+        subprocess.run(
+            [
+                "dvc",
+                "exp",
+                "run",
+                "--queue",
+                "--name",
+                name,
+                *overrides,
+                "-S",
+                f"split.seed={split_seed}",
+                "-S",
+                f"train.seed={train_seed}",
+            ],
+            cwd=repo,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
     subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=repo, env=env, check=True, capture_output=True)
     status = wait_for_queue(repo, env)
-    logs = {name: subprocess.run(["dvc", "queue", "logs", name], cwd=repo, env=env, capture_output=True,
-                                 text=True).stdout for name in names.values()}
+    logs = {
+        name: subprocess.run(["dvc", "queue", "logs", name], cwd=repo, env=env, capture_output=True, text=True).stdout
+        for name in names.values()
+    }
     failed = [name for name in names.values() if status.get(name) != "Success"]
     if failed:
         sys.exit(f"queued experiments failed: {failed}\n" + "\n".join(log[-3000:] for log in logs.values()))
@@ -202,7 +243,9 @@ def run_queue(repo: Path, overrides: list[str], runs: list[tuple[int, int]], job
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/knee-xray-mendeley"))
-    parser.add_argument("--seeds", default="42,1,2,3,4", help="split seeds, comma-separated; the first is reported in full")
+    parser.add_argument(
+        "--seeds", default="42,1,2,3,4", help="split seeds, comma-separated; the first is reported in full"
+    )
     parser.add_argument("--train-seeds", default="42,7", help="training seeds (train.seed), comma-separated")
     parser.add_argument("--jobs", type=int, default=1, help="`dvc queue start -j` (2 cores: 1 is fastest)")
     parser.add_argument("--set", action="append", default=[], help="extra `dvc exp run -S` overrides")
@@ -213,8 +256,11 @@ def main() -> None:
     seeds = [int(seed) for seed in args.seeds.split(",")]
     runs = [(s, t) for s in seeds for t in (int(seed) for seed in args.train_seeds.split(","))]
 
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
     with tempfile.TemporaryDirectory(prefix="kneexray-real-") as scratch:
         scratch = Path(scratch)
         (scratch / "www").mkdir()
@@ -249,7 +295,7 @@ def main() -> None:
         spread = spread_across_seeds(per_seed)
         summary = {
             "command": "dvc exp run --queue " + " ".join(overrides) + " -S split.seed=S -S train.seed=T; "
-                       "dvc queue start -j " + str(args.jobs),
+            "dvc queue start -j " + str(args.jobs),
             "seeds": seeds,
             "train_seeds": args.train_seeds,
             "queue_wall_s": round(wall, 1),

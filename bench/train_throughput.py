@@ -69,21 +69,37 @@ def main() -> None:
     limit = matmul_gflops()
 
     cfg = yaml.safe_load((ROOT / "params.yaml").read_text())  # the models as the pipeline builds them
-    cnn = build_cnn(args.size, filters=cfg["cnn"]["filters"], dense_units=cfg["cnn"]["dense_units"],
-                    dropout=cfg["cnn"]["dropout"])
+    cnn = build_cnn(
+        args.size, filters=cfg["cnn"]["filters"], dense_units=cfg["cnn"]["dense_units"], dropout=cfg["cnn"]["dropout"]
+    )
     base, weights = resnet_base(args.size, weights="imagenet")
-    resnet = build_resnet(args.size, base=base, dense_units=cfg["resnet"]["dense_units"], dropout=cfg["resnet"]["dropout"])
+    resnet = build_resnet(
+        args.size, base=base, dense_units=cfg["resnet"]["dense_units"], dropout=cfg["resnet"]["dropout"]
+    )
     head_flops = forward_flops(resnet) - forward_flops(base)
-    results = {"cnn_parameters": cnn.count_params(), "cnn_forward_gflops": round(forward_flops(cnn) / 1e9, 3),
-               "resnet_parameters": resnet.count_params(), "resnet_forward_gflops": round(forward_flops(resnet) / 1e9, 3),
-               "matmul_gflops": round(limit, 1), "image_size": args.size, "batch": args.batch,
-               "cpu_count": os.cpu_count(), "tensorflow": tf.__version__, "resnet_weights": weights}
-    for name, model, train_flops in (("cnn", cnn, 3 * forward_flops(cnn)),
-                                     ("resnet_frozen", resnet, forward_flops(base) + 3 * head_flops)):
+    results = {
+        "cnn_parameters": cnn.count_params(),
+        "cnn_forward_gflops": round(forward_flops(cnn) / 1e9, 3),
+        "resnet_parameters": resnet.count_params(),
+        "resnet_forward_gflops": round(forward_flops(resnet) / 1e9, 3),
+        "matmul_gflops": round(limit, 1),
+        "image_size": args.size,
+        "batch": args.batch,
+        "cpu_count": os.cpu_count(),
+        "tensorflow": tf.__version__,
+        "resnet_weights": weights,
+    }
+    for name, model, train_flops in (
+        ("cnn", cnn, 3 * forward_flops(cnn)),
+        ("resnet_frozen", resnet, forward_flops(base) + 3 * head_flops),
+    ):
         rate = fit_images_per_second(model, args.size, args.batch, args.steps, args.repeats)
-        results[name] = {"images_per_s": round(rate, 1), "train_gflops_per_image": round(train_flops / 1e9, 3),
-                         "achieved_gflops": round(rate * train_flops / 1e9, 1),
-                         "fraction_of_matmul_limit": round(rate * train_flops / 1e9 / limit, 3)}
+        results[name] = {
+            "images_per_s": round(rate, 1),
+            "train_gflops_per_image": round(train_flops / 1e9, 3),
+            "achieved_gflops": round(rate * train_flops / 1e9, 1),
+            "fraction_of_matmul_limit": round(rate * train_flops / 1e9 / limit, 3),
+        }
     print(json.dumps(results, indent=2))
 
 

@@ -36,8 +36,13 @@ def _add_global_options(parser: argparse.ArgumentParser, *, on_command: bool) ->
     On a command's parser -v defaults to SUPPRESS: argparse copies a subparser's defaults over the
     main parser's values, which would turn `kneexray -v predict ...` back into not verbose.
     """
-    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS if on_command else False,
-                        help="log progress and error details")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS if on_command else False,
+        help="log progress and error details",
+    )
     parser.add_argument("--version", action="version", version=f"kneexray {__version__}")
 
 
@@ -52,8 +57,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     predict = commands.add_parser(
-        "predict", help="classify radiographs with a trained model",
-        description="Classify image files (PNG, JPEG, TIFF, 16-bit, DICOM) and folders of them (recursively).")
+        "predict",
+        help="classify radiographs with a trained model",
+        description="Classify image files (PNG, JPEG, TIFF, 16-bit, DICOM) and folders of them (recursively).",
+    )
     predict.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image file or folder")
     predict.add_argument("--model", required=True, type=Path, help="a .keras model trained by this pipeline")
     output = predict.add_mutually_exclusive_group()
@@ -91,6 +98,9 @@ def _predict(args: argparse.Namespace) -> int:
         if target is not None:  # a file output onto a folder: refused before any work, nothing lost
             check_file_target(target, option)
     from kneexray.predict import predict_files, write_csv, write_json  # TensorFlow: not for --help or usage errors
+    from kneexray.training import read_metadata
+
+    warn_about_training_data(read_metadata(args.model))
 
     rows = predict_files(args.model, args.paths, args.batch_size, explain_dir=args.explain)
     for row in rows:
@@ -107,6 +117,22 @@ def _predict(args: argparse.Namespace) -> int:
     return 0 if any("error" not in row for row in rows) else 1
 
 
+def warn_about_training_data(metadata: dict) -> None:
+    """A model trained on the synthetic phantom says so before it classifies a real radiograph."""
+    source = metadata.get("data", {}).get("source")
+    if source == "phantom":
+        print(
+            "warning: this model was trained on the synthetic knee phantom, not on radiographs: "
+            "its classes for real X-rays mean nothing",
+            file=sys.stderr,
+        )
+    elif source is None:
+        print("warning: this model file does not say what data it was trained on", file=sys.stderr)
+
+
+HANDLED: tuple[type[BaseException], ...] = (*USER_ERRORS, OSError)  # a missing or unreadable model file too
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -114,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         log.setLevel(logging.DEBUG)
     try:
         return args.handler(args)
-    except (*USER_ERRORS, OSError) as err:  # a missing or unreadable model file too
+    except HANDLED as err:
         log.debug("details", exc_info=True)
         print(f"error: {err}", file=sys.stderr)
         return 1

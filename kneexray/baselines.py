@@ -40,9 +40,16 @@ def majority_proba(y_train: np.ndarray, n_test: int) -> np.ndarray:
 def _logistic(seed: int, y: np.ndarray):
     # Inner CV picks the regularisation; a few hundred images and a thousand pixels overfit otherwise.
     folds = max(2, min(5, int(np.bincount(y, minlength=K)[np.bincount(y, minlength=K) > 0].min())))
-    return make_pipeline(StandardScaler(), LogisticRegressionCV(
-        Cs=[1e-4, 1e-3, 1e-2, 1e-1, 1.0], cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
-        scoring="f1_macro", class_weight="balanced", max_iter=5000))
+    return make_pipeline(
+        StandardScaler(),
+        LogisticRegressionCV(
+            Cs=[1e-4, 1e-3, 1e-2, 1e-1, 1.0],
+            cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+            scoring="f1_macro",
+            class_weight="balanced",
+            max_iter=5000,
+        ),
+    )
 
 
 def _proba(model, x: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from kneexray.atomic import write_bytes
@@ -31,12 +32,25 @@ log = logging.getLogger("kneexray.browser")
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 LOCAL_SCHEMES = {"file", "data", "blob", "about"}
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-extensions", "--disable-default-apps", "--hide-scrollbars", "--mute-audio",
-         # every request through a proxy that isn't there, loopback too: nothing gets out
-         "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>",
-         "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-extensions",
+    "--disable-default-apps",
+    "--hide-scrollbars",
+    "--mute-audio",
+    # every request through a proxy that isn't there, loopback too: nothing gets out
+    "--proxy-server=127.0.0.1:9",
+    "--proxy-bypass-list=<-loopback>",
+    "--remote-debugging-address=127.0.0.1",
+    "--remote-debugging-port=0",
+)
 
 
 def find_chromium() -> str | None:
@@ -55,30 +69,44 @@ class Browser:
     """One headless Chromium with one page; a context manager. `events` holds every CDP event."""
 
     def __init__(self, executable: str | None = None, width: int = 1280, height: int = 900, timeout: float = 60):
-        self.executable = executable or find_chromium()
+        self.executable: str = executable or find_chromium() or ""
         if not self.executable:
             raise BrowserError(f"no Chromium found (looked for {', '.join(CANDIDATES)}); e.g. apt-get install chromium")
         self.width, self.height, self.timeout = width, height, timeout
         self.events: list[dict] = []
         self._ids = itertools.count(1)
 
-    def __enter__(self) -> "Browser":
+    def __enter__(self) -> Browser:
         import websocket  # websocket-client
 
         self._profile = tempfile.mkdtemp(prefix="kneexray-chromium-")
         self._process = subprocess.Popen(
-            [self.executable, *FLAGS, f"--user-data-dir={self._profile}", f"--window-size={self.width},{self.height}",
-             "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            [
+                self.executable,
+                *FLAGS,
+                f"--user-data-dir={self._profile}",
+                f"--window-size={self.width},{self.height}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         try:
             port = self._devtools_port()
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as reply:
                 pages = [t for t in json.load(reply) if t["type"] == "page"]
-            self._socket = websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=self.timeout,
-                                                       suppress_origin=True)
+            self._socket = websocket.create_connection(
+                pages[0]["webSocketDebuggerUrl"], timeout=self.timeout, suppress_origin=True
+            )
             for domain in ("Page", "Network", "Runtime", "Log"):
                 self.send(f"{domain}.enable")
-            self.send("Emulation.setDeviceMetricsOverride",
-                      width=self.width, height=self.height, deviceScaleFactor=1, mobile=False)
+            self.send(
+                "Emulation.setDeviceMetricsOverride",
+                width=self.width,
+                height=self.height,
+                deviceScaleFactor=1,
+                mobile=False,
+            )
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -100,8 +128,10 @@ class Browser:
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise BrowserError(f"{self.executable} exited ({self._process.returncode}): "
-                                   f"{self._process.stderr.read().decode(errors='replace')[-2000:]}")
+                raise BrowserError(
+                    f"{self.executable} exited ({self._process.returncode}): "
+                    f"{self._process.stderr.read().decode(errors='replace')[-2000:] if self._process.stderr else ''}"
+                )
             if marker.is_file() and (lines := marker.read_text().split()):
                 return int(lines[0])
             time.sleep(0.1)
@@ -164,8 +194,10 @@ class Browser:
         for event in self.events:
             params = event.get("params", {})
             if event["method"] == "Runtime.exceptionThrown":
-                found.append(params["exceptionDetails"].get("exception", {}).get("description")
-                             or params["exceptionDetails"].get("text"))
+                found.append(
+                    params["exceptionDetails"].get("exception", {}).get("description")
+                    or params["exceptionDetails"].get("text")
+                )
             elif event["method"] == "Runtime.consoleAPICalled" and params.get("type") == "error":
                 found.append(" ".join(str(a.get("value", a.get("description"))) for a in params.get("args", [])))
             elif event["method"] == "Log.entryAdded" and params["entry"].get("level") == "error":
@@ -174,11 +206,13 @@ class Browser:
 
     def screenshot(self, path: str | Path, full_page: bool = True) -> Path:
         """PNG of the page (all of it with `full_page`), written atomically."""
-        params = {"format": "png"}
+        params: dict[str, Any] = {"format": "png"}
         if full_page:
             size = self.send("Page.getLayoutMetrics")["cssContentSize"]
-            params.update(captureBeyondViewport=True,
-                          clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1})
+            params.update(
+                captureBeyondViewport=True,
+                clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1},
+            )
         data = base64.b64decode(self.send("Page.captureScreenshot", **params)["data"])
         write_bytes(path, data)
         return Path(path)
@@ -193,8 +227,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("page", help="HTML file, e.g. reports/report.html")
     parser.add_argument("--screenshot", required=True, help="PNG to write, e.g. docs/report.png")
     parser.add_argument("--width", type=int, default=1100, help="viewport width in CSS pixels (default 1100)")
-    parser.add_argument("--height", type=int, default=0,
-                        help="clip to this many pixels from the top (default: the whole page)")
+    parser.add_argument(
+        "--height", type=int, default=0, help="clip to this many pixels from the top (default: the whole page)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     with Browser(width=args.width, height=args.height or 900) as browser:

@@ -7,10 +7,10 @@ radiograph filed under different classes, which the published knee data contains
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import sys
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,8 +19,9 @@ import pandas as pd
 from tqdm import tqdm
 
 from kneexray import CLASSES
+from kneexray.archive import walk_tree
 from kneexray.fingerprint import fingerprint, group_near_duplicates
-from kneexray.images import ImageError, inspect
+from kneexray.images import ImageError, ImageInfo, inspect
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +35,50 @@ class Curated:
     audit: dict = field(default_factory=dict)
 
 
+_MAX_NAME_BYTES = 200  # flattened names: under the usual 255-byte limit, with room for "~2" and temp names
+
+
 def _walk(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and not any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(folder).parts))
+    files: list[Path] = []
+    for here, dirnames, filenames in walk_tree(folder):  # no recursion: trees 1,000 deep are refused, not a crash
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__MACOSX"]
+        files.extend(here / name for name in filenames if not name.startswith("."))
+    return sorted(p for p in files if p.is_file())
 
 
-def curate(class_dirs: dict[str, Path], out_dir: str | Path, *, max_pixels: int, min_side: int,
-           near_duplicate_distance: float, keep_conflicts: bool) -> Curated:
+def _examine(path: Path, max_pixels: int, min_side: int) -> tuple[ImageInfo, np.ndarray]:
+    """Decode, describe and fingerprint one file; ImageError (a short reason) if it can't be used."""
+    try:
+        info, img = inspect(path, max_pixels=max_pixels, min_side=min_side)
+        return info, fingerprint(img)
+    except ImageError:
+        raise
+    except OSError as err:
+        raise ImageError(f"unreadable file ({err.strerror or err})") from None
+    except Exception as err:  # one odd file must not stop the run; the audit names it
+        raise ImageError(f"unusable image ({type(err).__name__}: {' '.join(str(err).split())})") from None
+
+
+def _flat_name(rel: str) -> str:
+    """'a/b/c.jpg' -> 'a__b__c.jpg'; a name over _MAX_NAME_BYTES keeps its start, a hash of the whole and its suffix."""
+    flat = rel.replace("/", "__")
+    if len(flat.encode()) <= _MAX_NAME_BYTES:
+        return flat
+    suffix = Path(flat).suffix if len(Path(flat).suffix.encode()) <= 16 else ""
+    digest = hashlib.sha256(flat.encode()).hexdigest()[:16]
+    head = flat.encode()[: _MAX_NAME_BYTES - len(suffix.encode()) - len(digest) - 1].decode(errors="ignore")
+    return f"{head}-{digest}{suffix}"
+
+
+def curate(
+    class_dirs: dict[str, Path],
+    out_dir: str | Path,
+    *,
+    max_pixels: int,
+    min_side: int,
+    near_duplicate_distance: float,
+    keep_conflicts: bool,
+) -> Curated:
     """Copy usable, de-duplicated images to out_dir/<class>/ and describe them."""
     out_dir = Path(out_dir)
     rows, prints, skipped = [], [], []
@@ -48,19 +86,28 @@ def curate(class_dirs: dict[str, Path], out_dir: str | Path, *, max_pixels: int,
     for label, path, folder in tqdm(files, desc="inspect", disable=not sys.stderr.isatty(), leave=False):
         source = f"{label}/{path.relative_to(folder).as_posix()}"
         try:
-            info, img = inspect(path, max_pixels=max_pixels, min_side=min_side)
+            info, prints_of_file = _examine(path, max_pixels, min_side)
         except ImageError as err:
             skipped.append({"source": source, "reason": str(err)})
             continue
-        except OSError as err:
-            skipped.append({"source": source, "reason": f"unreadable file ({err.strerror or err})"})
-            continue
-        rows.append({"label": label, "source": source, "file": path, "sha256": info.sha256,
-                     "width": info.width, "height": info.height, "mode": info.mode})
-        prints.append(fingerprint(img))
+        rows.append(
+            {
+                "label": label,
+                "source": source,
+                "file": path,
+                "sha256": info.sha256,
+                "width": info.width,
+                "height": info.height,
+                "mode": info.mode,
+            }
+        )
+        prints.append(prints_of_file)
     if skipped:
-        log.warning("skipped %d unusable file(s): %s", len(skipped),
-                    "; ".join(f"{s['source']} ({s['reason']})" for s in skipped[:10]))
+        log.warning(
+            "skipped %d unusable file(s): %s",
+            len(skipped),
+            "; ".join(f"{s['source']} ({s['reason']})" for s in skipped[:10]),
+        )
     frame = pd.DataFrame(rows, columns=["label", "source", "file", "sha256", "width", "height", "mode"])
     prints_arr = np.stack(prints) if prints else np.zeros((0, 1, 1), np.float32)
 
@@ -82,18 +129,26 @@ def curate(class_dirs: dict[str, Path], out_dir: str | Path, *, max_pixels: int,
         if len(members) > 1:
             near_groups.append(members["source"].tolist())
         if members["label"].nunique() > 1:
-            conflicts.append({"group": int(group), "members": [f"{s} ({lab})" for s, lab in zip(members["source"], members["label"])]})
+            conflicts.append(
+                {
+                    "group": int(group),
+                    "members": [f"{s} ({lab})" for s, lab in zip(members["source"], members["label"])],
+                }
+            )
             conflict_rows[members.index] = True
     if conflicts:
-        log.warning("%d label conflict(s) (one radiograph under several classes)%s", len(conflicts),
-                    "; kept (extract.keep_conflicts)" if keep_conflicts else "; dropped")
+        log.warning(
+            "%d label conflict(s) (one radiograph under several classes)%s",
+            len(conflicts),
+            "; kept (extract.keep_conflicts)" if keep_conflicts else "; dropped",
+        )
     if not keep_conflicts:
         frame, prints_arr = frame[~conflict_rows].reset_index(drop=True), prints_arr[~conflict_rows]
 
     # Copy the kept originals; names are made unique per class since nested folders are flattened.
     paths, used = [], set()
     for file, label, source in zip(frame["file"], frame["label"], frame["source"]):
-        name = flat = source.split("/", 1)[1].replace("/", "__")
+        name = flat = _flat_name(source.split("/", 1)[1])
         taken = 1
         while f"{label}/{name}" in used:  # "a/b.jpg" and a file named "a__b.jpg" would collide
             taken += 1

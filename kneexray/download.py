@@ -22,8 +22,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from tqdm import tqdm
 
@@ -122,19 +122,26 @@ def download(
         _unlink(part)
         if scheme == "file":
             _copy_local(parts, part, max_bytes=max_bytes, progress=progress, shown=shown)
-            content_type = "none, a local file"
+            content_type: str | None = "none, a local file"
         else:
             with _Pace(shown, deadline, min_rate_kbps, rate_window) as pace:
-                content_type = _fetch_http(url, part, max_bytes=max_bytes, timeout=timeout, retries=retries,
-                                           backoff=backoff, progress=progress, shown=shown, pace=pace)
+                content_type = _fetch_http(
+                    url,
+                    part,
+                    max_bytes=max_bytes,
+                    timeout=timeout,
+                    retries=retries,
+                    backoff=backoff,
+                    progress=progress,
+                    shown=shown,
+                    pace=pace,
+                )
         if require_zip:  # before the checksum: "an HTML page" says more than two digests
             _check_zip(part, content_type, shown)
         if expected is not None:
             actual = sha256_file(part)
             if actual != expected:
-                raise DownloadError(
-                    f"checksum mismatch for {shown}: expected sha256 {expected}, got {actual}"
-                )
+                raise DownloadError(f"checksum mismatch for {shown}: expected sha256 {expected}, got {actual}")
         os.replace(part, dest)  # atomic: readers see the old dest or the new one
         done = True
     except OSError as err:  # local file-system trouble (disk full, permissions)
@@ -149,20 +156,38 @@ def download(
 # --------------------------------------------------------------------------------------- http(s)
 
 
-def _fetch_http(url: str, part: Path, *, max_bytes: int, timeout: float, retries: int,
-                backoff: float, progress: bool, shown: str, pace: _Pace) -> str | None:
+def _fetch_http(
+    url: str,
+    part: Path,
+    *,
+    max_bytes: int,
+    timeout: float,
+    retries: int,
+    backoff: float,
+    progress: bool,
+    shown: str,
+    pace: _Pace,
+) -> str | None:
     """Fetch with retries; return the Content-Type of the answer that completed the file."""
     # per call, so proxy settings follow the environment
-    opener = urllib.request.build_opener(_TrackedHTTP(pace.connections), _TrackedHTTPS(pace.connections),
-                                         _CheckedRedirects())
+    opener = urllib.request.build_opener(
+        _TrackedHTTP(pace.connections), _TrackedHTTPS(pace.connections), _CheckedRedirects()
+    )
     last: _Retryable | None = None
     for attempt in range(retries + 1):
         pace.check()
         try:
             # no read may outlast the deadline (a zero timeout would make the socket non-blocking)
-            content_type = _fetch_once(opener, url, part, max_bytes=max_bytes, pace=pace,
-                                       timeout=max(min(timeout, pace.remaining()), 0.001),
-                                       progress=progress, shown=shown)
+            content_type = _fetch_once(
+                opener,
+                url,
+                part,
+                max_bytes=max_bytes,
+                pace=pace,
+                timeout=max(min(timeout, pace.remaining()), 0.001),
+                progress=progress,
+                shown=shown,
+            )
             pace.check()  # a read cut at the deadline looks like the end of a body without a length
             return content_type
         except _Retryable as err:
@@ -172,15 +197,31 @@ def _fetch_http(url: str, part: Path, *, max_bytes: int, timeout: float, retries
                 break
             delay = min(backoff * 2**attempt, _MAX_DELAY, pace.remaining())
             have = part.stat().st_size if part.exists() else 0
-            log.warning("download %s: %s; retry %d/%d in %.2fs%s", shown, err.reason, attempt + 1,
-                        retries, delay, f" (resuming at byte {have})" if have else "")
+            log.warning(
+                "download %s: %s; retry %d/%d in %.2fs%s",
+                shown,
+                err.reason,
+                attempt + 1,
+                retries,
+                delay,
+                f" (resuming at byte {have})" if have else "",
+            )
             time.sleep(delay)
     assert last is not None
     raise DownloadError(_final_message(url, shown, last, retries + 1))
 
 
-def _fetch_once(opener: urllib.request.OpenerDirector, url: str, part: Path, *, max_bytes: int,
-                timeout: float, progress: bool, shown: str, pace: _Pace) -> str | None:
+def _fetch_once(
+    opener: urllib.request.OpenerDirector,
+    url: str,
+    part: Path,
+    *,
+    max_bytes: int,
+    timeout: float,
+    progress: bool,
+    shown: str,
+    pace: _Pace,
+) -> str | None:
     """One request; appends to `part` from its current size and returns the Content-Type.
 
     Raises _Retryable or DownloadError.
@@ -198,16 +239,15 @@ def _fetch_once(opener: urllib.request.OpenerDirector, url: str, part: Path, *, 
         err.close()
         if err.code == 416 and offset:
             _truncate(part)
-            raise _Retryable("server refused the resume range (HTTP 416); restarting from zero", err)
+            raise _Retryable("server refused the resume range (HTTP 416); restarting from zero", err) from err
         if err.code >= 500 or err.code in _RETRY_STATUSES:
-            raise _Retryable(f"HTTP {err.code} {_one_line(err.reason)}", err)
+            raise _Retryable(f"HTTP {err.code} {_one_line(err.reason)}", err) from err
         raise DownloadError(
             f"HTTP {err.code} {_one_line(err.reason)} for {shown} (not retried); {ALTERNATIVES}"
         ) from None
     except (OSError, http.client.HTTPException) as err:
         if isinstance(_root(err), ssl.SSLCertVerificationError):
-            raise DownloadError(f"TLS certificate check failed for {shown}: "
-                                f"{_one_line(_root(err))}") from None
+            raise DownloadError(f"TLS certificate check failed for {shown}: {_one_line(_root(err))}") from None
         raise _Retryable(_describe(err), err) from err
 
     with response:
@@ -217,14 +257,15 @@ def _fetch_once(opener: urllib.request.OpenerDirector, url: str, part: Path, *, 
             if start != offset:
                 _truncate(part)
                 got_range = response.headers.get("Content-Range")
-                raise _Retryable(f"server answered the resume from byte {offset} with Content-Range "
-                                 f"{_one_line(got_range)!r}; restarting from zero")
+                raise _Retryable(
+                    f"server answered the resume from byte {offset} with Content-Range "
+                    f"{_one_line(got_range)!r}; restarting from zero"
+                )
             if total is None and length is not None:
                 total = offset + length
         else:
             if offset:
-                log.warning("download %s: server ignored the resume request; restarting from zero",
-                            shown)
+                log.warning("download %s: server ignored the resume request; restarting from zero", shown)
             start, total = 0, length
         if total is not None and total > max_bytes:
             raise DownloadError(f"{shown} is {total} bytes, over the limit max_bytes={max_bytes}")
@@ -237,8 +278,16 @@ def _fetch_once(opener: urllib.request.OpenerDirector, url: str, part: Path, *, 
             except (OSError, http.client.HTTPException) as err:
                 raise _Retryable(_describe(err), err) from err
 
-        got = _stream(read, part, start=start, total=total, max_bytes=max_bytes,
-                      progress=progress, shown=shown, on_chunk=pace.received)
+        got = _stream(
+            read,
+            part,
+            start=start,
+            total=total,
+            max_bytes=max_bytes,
+            progress=progress,
+            shown=shown,
+            on_chunk=pace.received,
+        )
         content_type = response.headers.get("Content-Type")
     if total is not None and got < total:
         raise _Retryable(f"connection closed after {got} of {total} bytes")
@@ -302,8 +351,7 @@ def _is_local(host: str | None) -> bool:
 
 def _final_message(url: str, shown: str, last: _Retryable, attempts: int) -> str:
     head = "this machine seems offline: " if _looks_offline(url, last.cause) else ""
-    return (f"{head}download of {shown} failed after {attempts} attempt(s): {last.reason}; "
-            f"{ALTERNATIVES}")
+    return f"{head}download of {shown} failed after {attempts} attempt(s): {last.reason}; {ALTERNATIVES}"
 
 
 # ------------------------------------------------------------------ deadline, rate and redirects
@@ -321,7 +369,7 @@ class _Connections:
         """`base` (an http.client connection class) that registers its socket once connected."""
         connections = self
 
-        class Tracked(base):  # type: ignore[misc, valid-type]
+        class Tracked(base):
             def connect(self) -> None:
                 super().connect()
                 connections.add(self.sock)
@@ -359,7 +407,7 @@ class _Tracking:
         self.connections = connections
 
     def do_open(self, http_class, req, **kwargs):
-        return super().do_open(self.connections.track(http_class), req, **kwargs)  # type: ignore[misc]
+        return super().do_open(self.connections.track(http_class), req, **kwargs)
 
 
 class _TrackedHTTP(_Tracking, urllib.request.HTTPHandler):
@@ -400,8 +448,10 @@ class _Pace:
     def check(self) -> None:
         """Raise DownloadError (not retried) once the deadline has passed."""
         if self.remaining() <= 0 or self.connections.cut_off:
-            raise DownloadError(f"download of {self.shown} did not finish within the overall deadline of "
-                                f"{self.deadline:g} s ({self.total} bytes received); {ALTERNATIVES}")
+            raise DownloadError(
+                f"download of {self.shown} did not finish within the overall deadline of "
+                f"{self.deadline:g} s ({self.total} bytes received); {ALTERNATIVES}"
+            )
 
     def start_attempt(self) -> None:
         """A new request starts a new rate window."""
@@ -416,8 +466,10 @@ class _Pace:
         if elapsed < self.window:
             return
         if self._count * 8 / 1000 < self.min_rate_kbps * elapsed:
-            raise _Retryable(f"transfer slower than the minimum {self.min_rate_kbps:g} kbit/s "
-                             f"({self._count} bytes in {elapsed:.1f} s)")
+            raise _Retryable(
+                f"transfer slower than the minimum {self.min_rate_kbps:g} kbit/s "
+                f"({self._count} bytes in {elapsed:.1f} s)"
+            )
         self.start_attempt()  # the next window starts here
 
 
@@ -434,13 +486,19 @@ class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
             source = req.full_url
             new = urllib.parse.urljoin(source, target.strip())
             new_scheme = urllib.parse.urlsplit(new).scheme.lower()
-            if new_scheme not in ("http", "https") or (new_scheme == "http" and
-                                                      urllib.parse.urlsplit(source).scheme.lower() == "https"):
+            if new_scheme not in ("http", "https") or (
+                new_scheme == "http" and urllib.parse.urlsplit(source).scheme.lower() == "https"
+            ):
                 fp.close()
-                why = ("a downgrade from https to plain http" if new_scheme == "http"
-                       else f"{new_scheme + '://' if new_scheme else 'that'} is not http(s)")
-                raise DownloadError(f"refused the HTTP {code} redirect from {_redact(source)} to "
-                                    f"{_redact(new)}: {why}; only http(s) redirects are followed")
+                why = (
+                    "a downgrade from https to plain http"
+                    if new_scheme == "http"
+                    else f"{new_scheme + '://' if new_scheme else 'that'} is not http(s)"
+                )
+                raise DownloadError(
+                    f"refused the HTTP {code} redirect from {_redact(source)} to "
+                    f"{_redact(new)}: {why}; only http(s) redirects are followed"
+                )
         return super().http_error_302(req, fp, code, msg, headers)
 
     http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
@@ -453,15 +511,16 @@ def _check_zip(part: Path, content_type: str | None, shown: str) -> None:
     if head[:4] in _ZIP_MAGIC:
         return
     start = f"starts with {head!r}" if head else "is empty"
-    raise DownloadError(f"{shown} is not a ZIP archive (Content-Type: {_one_line(content_type or 'none')}; "
-                        f"the body {start}): an error or login page? check dataset.url; {ALTERNATIVES}")
+    raise DownloadError(
+        f"{shown} is not a ZIP archive (Content-Type: {_one_line(content_type or 'none')}; "
+        f"the body {start}): an error or login page? check dataset.url; {ALTERNATIVES}"
+    )
 
 
 # ------------------------------------------------------------------------------------- file://
 
 
-def _copy_local(parts: urllib.parse.SplitResult, part: Path, *, max_bytes: int, progress: bool,
-                shown: str) -> None:
+def _copy_local(parts: urllib.parse.SplitResult, part: Path, *, max_bytes: int, progress: bool, shown: str) -> None:
     if parts.netloc not in ("", "localhost"):
         raise DownloadError(f"file:// URL {shown} names host {parts.netloc!r}; only local files work")
     source = Path(urllib.request.url2pathname(parts.path))
@@ -473,8 +532,7 @@ def _copy_local(parts: urllib.parse.SplitResult, part: Path, *, max_bytes: int, 
         size = os.fstat(handle.fileno()).st_size
         if size > max_bytes:
             raise DownloadError(f"{shown} is {size} bytes, over the limit max_bytes={max_bytes}")
-        got = _stream(handle.read, part, start=0, total=size, max_bytes=max_bytes,
-                      progress=progress, shown=shown)
+        got = _stream(handle.read, part, start=0, total=size, max_bytes=max_bytes, progress=progress, shown=shown)
     if got != size:
         raise DownloadError(f"{source} changed while it was being copied ({got} of {size} bytes)")
 
@@ -482,19 +540,36 @@ def _copy_local(parts: urllib.parse.SplitResult, part: Path, *, max_bytes: int, 
 # -------------------------------------------------------------------------------------- shared
 
 
-def _stream(read: Callable[[int], bytes], part: Path, *, start: int, total: int | None,
-            max_bytes: int, progress: bool, shown: str,
-            on_chunk: Callable[[int], None] | None = None) -> int:
+def _stream(
+    read: Callable[[int], bytes],
+    part: Path,
+    *,
+    start: int,
+    total: int | None,
+    max_bytes: int,
+    progress: bool,
+    shown: str,
+    on_chunk: Callable[[int], None] | None = None,
+) -> int:
     """Write `read` chunks into `part` from byte `start` (truncating what follows); return its size.
 
     The size cap is enforced on bytes actually received, since Content-Length may be absent or lie.
     `on_chunk` hears each chunk's size after it is written, and may raise to stop.
     """
     got = start
-    with open(part, "r+b" if part.exists() else "wb") as out, tqdm(
-        total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
-        desc=part.name[: -len(".part")], disable=not progress, leave=False,
-    ) as bar:
+    with (
+        open(part, "r+b" if part.exists() else "wb") as out,
+        tqdm(
+            total=total,
+            initial=start,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=part.name[: -len(".part")],
+            disable=not progress,
+            leave=False,
+        ) as bar,
+    ):
         out.seek(start)
         out.truncate()
         try:

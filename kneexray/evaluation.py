@@ -13,8 +13,8 @@ import pandas as pd
 from kneexray import CLASSES, baselines
 from kneexray.atomic import atomic_path, write_json
 from kneexray.inputs import label_indices, load_images, make_dataset, read_split
-from kneexray.metrics import chance_summary, evaluate_predictions, paired_difference
 from kneexray.layout import CLINICAL_FILE, FINGERPRINTS_FILE, INDEX_FILE
+from kneexray.metrics import chance_summary, evaluate_predictions, paired_difference
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,11 @@ def score_baselines(train_rows: pd.DataFrame, test_rows: pd.DataFrame, data_root
     probas = {"majority": baselines.majority_proba(y_train, len(y_test))}
     size = cfg["thumbnail_size"]
     probas["thumbnail_logistic"] = baselines.thumbnail_logistic(
-        load_images(train_rows["path"], size, root=data_root, desc="thumbnails"), y_train,
-        load_images(test_rows["path"], size, root=data_root, desc="thumbnails"), seed=seed)
+        load_images(train_rows["path"], size, root=data_root, desc="thumbnails"),
+        y_train,
+        load_images(test_rows["path"], size, root=data_root, desc="thumbnails"),
+        seed=seed,
+    )
     clinical_train, clinical_test = _clinical_rows(train_rows, data_root), _clinical_rows(test_rows, data_root)
     if clinical_train is not None and clinical_test is not None:
         probas["clinical_ost"] = baselines.ost_proba(clinical_test)
@@ -90,25 +93,32 @@ def best_baseline(results: dict) -> str:
 
 def write_model_reports(out_dir: Path, rows: pd.DataFrame, y_true, proba, result: dict) -> None:
     """Predictions (DVC confusion template), ROC per class, reliability, classification report."""
-    predictions = pd.DataFrame({
-        "path": rows["path"],
-        "actual": [CLASSES[i] for i in y_true],
-        "predicted": [CLASSES[i] for i in proba.argmax(axis=1)],
-        **{f"p_{c}": np.round(proba[:, i], 6) for i, c in enumerate(CLASSES)},
-    })
+    predictions = pd.DataFrame(
+        {
+            "path": rows["path"],
+            "actual": [CLASSES[i] for i in y_true],
+            "predicted": [CLASSES[i] for i in proba.argmax(axis=1)],
+            **{f"p_{c}": np.round(proba[:, i], 6) for i, c in enumerate(CLASSES)},
+        }
+    )
     with atomic_path(out_dir) as tmp:
         (tmp / "roc").mkdir(parents=True)
         predictions.to_csv(tmp / "predictions.csv", index=False)
         for cls in CLASSES:  # one file per class, so DVC draws one line per class
-            pd.DataFrame(result["roc"].get(cls, []), columns=["fpr", "tpr"]).to_csv(tmp / "roc" / f"{cls}.csv", index=False)
-        pd.DataFrame(result["reliability"], columns=["bin", "bin_low", "bin_high", "confidence", "accuracy", "count"]) \
-            .to_csv(tmp / "calibration.csv", index=False)
+            pd.DataFrame(result["roc"].get(cls, []), columns=["fpr", "tpr"]).to_csv(
+                tmp / "roc" / f"{cls}.csv", index=False
+            )
+        pd.DataFrame(
+            result["reliability"], columns=["bin", "bin_low", "bin_high", "confidence", "accuracy", "count"]
+        ).to_csv(tmp / "calibration.csv", index=False)
         (tmp / "classification_report.txt").write_text(result["classification_report"])
         details = {k: v for k, v in result.items() if k not in ("roc", "classification_report")}
         write_json(tmp / "details.json", details)
 
 
-def prepare_external(path: str | Path, extract_cfg: dict, train_prints: np.ndarray, scratch: Path) -> tuple[pd.DataFrame, Path, dict]:
+def prepare_external(
+    path: str | Path, extract_cfg: dict, train_prints: np.ndarray, scratch: Path
+) -> tuple[pd.DataFrame, Path, dict]:
     """An external test set, curated like the main data, minus (near-)copies of training images.
 
     Returns its rows (path, label), the folder the paths are relative to, and what was removed.
@@ -119,22 +129,36 @@ def prepare_external(path: str | Path, extract_cfg: dict, train_prints: np.ndarr
 
     source = Path(path).expanduser()
     if source.is_file():
-        limits = ExtractLimits(max_depth=extract_cfg["max_depth"], max_total_bytes=extract_cfg["max_total_mb"] * 2**20,
-                               max_ratio=float(extract_cfg["max_ratio"]))
+        limits = ExtractLimits(
+            max_depth=extract_cfg["max_depth"],
+            max_total_bytes=extract_cfg["max_total_mb"] * 2**20,
+            max_ratio=float(extract_cfg["max_ratio"]),
+        )
         extract_nested(source, scratch / "unpacked", limits)
         source = scratch / "unpacked"
     elif not source.is_dir():
         raise FileNotFoundError(f"evaluate.external_path: {path} does not exist (a ZIP or a folder laid out by class)")
-    curated = curate(find_class_dirs(source, CLASSES), scratch / "images", max_pixels=extract_cfg["max_pixels"],
-                     min_side=extract_cfg["min_side"], near_duplicate_distance=extract_cfg["near_duplicate_distance"],
-                     keep_conflicts=False)
-    copies = cross_distance(curated.fingerprints, train_prints).min(axis=1, initial=np.inf) \
+    curated = curate(
+        find_class_dirs(source, CLASSES),
+        scratch / "images",
+        max_pixels=extract_cfg["max_pixels"],
+        min_side=extract_cfg["min_side"],
+        near_duplicate_distance=extract_cfg["near_duplicate_distance"],
+        keep_conflicts=False,
+    )
+    copies = (
+        cross_distance(curated.fingerprints, train_prints).min(axis=1, initial=np.inf)
         <= extract_cfg["near_duplicate_distance"]
+    )
     rows = curated.index.loc[~copies, ["path", "label"]].reset_index(drop=True)
-    audit = {"files_seen": curated.audit["files_seen"], "unreadable": curated.audit["unreadable"],
-             "label_conflicts": curated.audit["label_conflicts"],
-             "copies_of_training_images_removed": int(copies.sum()), "n": int(len(rows)),
-             "per_class": {c: int((rows["label"] == c).sum()) for c in CLASSES}}
+    audit = {
+        "files_seen": curated.audit["files_seen"],
+        "unreadable": curated.audit["unreadable"],
+        "label_conflicts": curated.audit["label_conflicts"],
+        "copies_of_training_images_removed": int(copies.sum()),
+        "n": int(len(rows)),
+        "per_class": {c: int((rows["label"] == c).sum()) for c in CLASSES},
+    }
     if copies.any():
         log.warning("external set: %d image(s) are (near-)copies of training images and were removed", copies.sum())
     return rows, scratch / "images", audit
@@ -154,22 +178,35 @@ def _evaluate_set(model, metadata, rows: pd.DataFrame, root: Path, params: dict,
         cache[size] = load_images(rows["path"], size, root=root, desc="images")
     y_true = label_indices(rows["label"])
     proba = predict_proba(model, cache[size], params["image"]["batch_size"])
-    result = evaluate_predictions(y_true, proba, resamples=cfg["bootstrap_resamples"], seed=cfg["seed"],
-                                  bins=cfg["calibration_bins"])
+    result = evaluate_predictions(
+        y_true, proba, resamples=cfg["bootstrap_resamples"], seed=cfg["seed"], bins=cfg["calibration_bins"]
+    )
     write_model_reports(out_dir, rows, y_true, proba, result)
     result["predicted"] = proba.argmax(axis=1)
     return result
 
 
-def evaluate_models(models: dict[str, str], *, test_csv: str | Path, data_root: str | Path, out_dir: str | Path,
-                    metrics_path: str | Path, params: dict) -> dict:
+def evaluate_models(
+    models: dict[str, str],
+    *,
+    test_csv: str | Path,
+    data_root: str | Path,
+    out_dir: str | Path,
+    metrics_path: str | Path,
+    params: dict,
+) -> dict:
     """Each model on the test split and, with evaluate.external_path, on an external set."""
     from kneexray.training import load_model
 
     test_csv, data_root, out_dir = Path(test_csv), Path(data_root), Path(out_dir)
     rows = read_split(test_csv)
-    summary = {"data": {"source": params["dataset"]["source"], "n_test": int(len(rows)),
-                        "test_per_class": {c: int((rows["label"] == c).sum()) for c in CLASSES}}}
+    summary = {
+        "data": {
+            "source": params["dataset"]["source"],
+            "n_test": int(len(rows)),
+            "test_per_class": {c: int((rows["label"] == c).sum()) for c in CLASSES},
+        }
+    }
     sets = {"test": (rows, data_root)}
     train_rows = pd.concat([read_split(test_csv.with_name(f"{s}.csv")) for s in ("train", "val")], ignore_index=True)
     summary["baselines"], baseline_predictions = score_baselines(train_rows, rows, data_root, params["evaluate"])
@@ -179,8 +216,11 @@ def evaluate_models(models: dict[str, str], *, test_csv: str | Path, data_root: 
     try:
         if params["evaluate"]["external_path"]:
             ext_rows, ext_root, summary["external_data"] = prepare_external(
-                params["evaluate"]["external_path"], params["extract"],
-                _training_fingerprints(test_csv, data_root), scratch)
+                params["evaluate"]["external_path"],
+                params["extract"],
+                _training_fingerprints(test_csv, data_root),
+                scratch,
+            )
             sets["external"] = (ext_rows, ext_root)
         caches: dict[str, dict] = {name: {} for name in sets}
         for name, path in models.items():
@@ -190,20 +230,37 @@ def evaluate_models(models: dict[str, str], *, test_csv: str | Path, data_root: 
                 result = _evaluate_set(model, metadata, set_rows, root, params, caches[set_name], target)
                 entry = headline(result, metadata)
                 if set_name == "test":
-                    entry["vs_best_baseline"] = {"baseline": best, **paired_difference(
-                        y_test, result["predicted"], baseline_predictions[best],
-                        resamples=params["evaluate"]["bootstrap_resamples"], seed=params["evaluate"]["seed"])}
+                    entry["vs_best_baseline"] = {
+                        "baseline": best,
+                        **paired_difference(
+                            y_test,
+                            result["predicted"],
+                            baseline_predictions[best],
+                            resamples=params["evaluate"]["bootstrap_resamples"],
+                            seed=params["evaluate"]["seed"],
+                        ),
+                    }
                     summary[name] = entry
                 else:
-                    summary[name][set_name] = {k: v for k, v in entry.items() if k not in ("weights_source", "pretrained")}
-                log.info("%s on %s: accuracy %.3f, macro-F1 %.3f [%.3f, %.3f], weights %s", name, set_name,
-                         result["accuracy"], result["macro_f1"], result["ci95"]["macro_f1"]["low"],
-                         result["ci95"]["macro_f1"]["high"], metadata["weights_source"])
+                    summary[name][set_name] = {
+                        k: v for k, v in entry.items() if k not in ("weights_source", "pretrained")
+                    }
+                log.info(
+                    "%s on %s: accuracy %.3f, macro-F1 %.3f [%.3f, %.3f], weights %s",
+                    name,
+                    set_name,
+                    result["accuracy"],
+                    result["macro_f1"],
+                    result["ci95"]["macro_f1"]["low"],
+                    result["ci95"]["macro_f1"]["high"],
+                    metadata["weights_source"],
+                )
             if metadata.get("no_skill"):
                 log.error("%s is a NO-SKILL model: it gives nearly every training image one class", name)
             if metadata["weights_source"] == "random":
-                log.warning("%s ran WITHOUT ImageNet weights (random features): its metrics are not transfer learning",
-                            name)
+                log.warning(
+                    "%s ran WITHOUT ImageNet weights (random features): its metrics are not transfer learning", name
+                )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     write_json(metrics_path, summary)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +20,59 @@ from kneexray.curation import curate
 from kneexray.layout import CLINICAL_FILE, FINGERPRINTS_FILE, IMAGES_DIR, INDEX_FILE
 from kneexray.patients import audit_patient_table, clinical_table, merge_patient_groups
 
+try:
+    import fcntl as _fcntl
+except ImportError:  # Windows: no flock, so other runs' scratch folders are left alone
+    _fcntl = None  # type: ignore[assignment]
+fcntl = _fcntl
+
 log = logging.getLogger(__name__)
 
+SCRATCH_PREFIX = ".extract-"
+
+
+@contextlib.contextmanager
+def _scratch(parent: Path) -> Iterator[Path]:
+    """A scratch folder in `parent`, locked while this run lives and removed when it ends.
+
+    A killed run can't remove its own, so first the folders of earlier runs are removed: those
+    named SCRATCH_PREFIX* in `parent` whose lock is free (the OS drops a dead process's locks).
+    """
+    _remove_stale_scratch(parent)
+    # Unlocked for a moment after mkdtemp: only an extract starting in that instant, in the same
+    # folder, could take it for stale (DVC runs one stage at a time in a workspace).
+    scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=parent))
+    fd = None
+    try:
+        if fcntl is not None:
+            fd = os.open(scratch, os.O_RDONLY)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if fd is not None:
+            os.close(fd)
+
+
+def _remove_stale_scratch(parent: Path) -> None:
+    if fcntl is None:
+        return
+    for old in parent.glob(SCRATCH_PREFIX + "*"):
+        if old.is_symlink() or not old.is_dir():
+            continue
+        try:
+            fd = os.open(old, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while a live run holds it
+        except OSError:
+            continue
+        else:
+            log.info("removing %s, left by an interrupted run", old)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 def audit_counts(audit: dict) -> dict:
@@ -30,26 +84,37 @@ def audit_counts(audit: dict) -> dict:
     return counts
 
 
-def extract_dataset(archive: str | Path, out_dir: str | Path, audit_path: str | Path, details_path: str | Path,
-                    cfg: dict, pairs_path: str | Path | None = None) -> dict:
+def extract_dataset(
+    archive: str | Path,
+    out_dir: str | Path,
+    audit_path: str | Path,
+    details_path: str | Path,
+    cfg: dict,
+    pairs_path: str | Path | None = None,
+) -> dict:
     """Unpack `archive` into a scratch folder beside `out_dir`, then write out_dir atomically:
     images/<class>/*, index.csv and fingerprints.npy. The audit's counts go to `audit_path`
     (small, diffable), its lists of files to `details_path`, and a picture of the flagged pairs
     to `pairs_path`."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    limits = ExtractLimits(max_depth=cfg["max_depth"], max_total_bytes=cfg["max_total_mb"] * 2**20,
-                           max_ratio=float(cfg["max_ratio"]))
-    scratch = Path(tempfile.mkdtemp(prefix=".extract-", dir=out_dir.parent))
-    try:
+    limits = ExtractLimits(
+        max_depth=cfg["max_depth"], max_total_bytes=cfg["max_total_mb"] * 2**20, max_ratio=float(cfg["max_ratio"])
+    )
+    with _scratch(out_dir.parent) as scratch:
         unpacked = scratch / "unpacked"
         extract_nested(archive, unpacked, limits)
         class_dirs = find_class_dirs(unpacked, CLASSES)
         log.info("class folders: %s", {c: str(p.relative_to(unpacked)) for c, p in class_dirs.items()})
         with atomic_path(out_dir) as tmp:
-            curated = curate(class_dirs, tmp / IMAGES_DIR, max_pixels=cfg["max_pixels"], min_side=cfg["min_side"],
-                             near_duplicate_distance=cfg["near_duplicate_distance"],
-                             keep_conflicts=cfg["keep_conflicts"])
+            curated = curate(
+                class_dirs,
+                tmp / IMAGES_DIR,
+                max_pixels=cfg["max_pixels"],
+                min_side=cfg["min_side"],
+                near_duplicate_distance=cfg["near_duplicate_distance"],
+                keep_conflicts=cfg["keep_conflicts"],
+            )
             if curated.index.empty:
                 raise ValueError(f"{archive}: no usable images in the class folders")
             audit = {**curated.audit, "patient_table": audit_patient_table(unpacked, curated.index)}
@@ -65,6 +130,4 @@ def extract_dataset(archive: str | Path, out_dir: str | Path, audit_path: str | 
             write_json(audit_path, audit_counts(audit))
             if pairs_path is not None:
                 draw_pairs(flagged_pairs(audit), class_dirs, pairs_path)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     return audit

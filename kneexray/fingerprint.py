@@ -19,7 +19,9 @@ CROP_FRACTIONS = (0.0, 0.01, 0.02, 0.03, 0.04, 0.05)  # per side
 
 
 def _thumb(img: Image.Image) -> np.ndarray:
-    arr = np.asarray(ImageOps.autocontrast(img).resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX), dtype=np.float64)
+    arr = np.asarray(
+        ImageOps.autocontrast(img).resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX), dtype=np.float64
+    )
     arr = arr.ravel() - arr.mean()
     norm = np.linalg.norm(arr)
     return arr / norm if norm > 0 else arr

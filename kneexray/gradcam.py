@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import keras
 import matplotlib
@@ -59,7 +59,8 @@ class GradCam:
         self._model = model
         self._chain = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
         # A fold ensemble (members averaged): each member's heatmap for the ensemble's class, averaged.
-        self._members = None
+        self._members: list[GradCam] | None = None
+        self.target_name: str = ""
         if isinstance(self._chain[-1], keras.layers.Average):
             self._members = [GradCam(layer) for layer in self._chain if isinstance(layer, keras.Model)]
             self.target_name = self._members[0].target_name
@@ -93,7 +94,7 @@ class GradCam:
                     features = x
         return features, x
 
-    def __call__(self, images: np.ndarray, class_indices: Sequence[int] | None = None) -> np.ndarray:
+    def __call__(self, images: np.ndarray, class_indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """(N, size, size) uint8 images -> (N, size, size) heatmaps in [0, 1]; default class: the predicted one."""
         if self._members is not None:
             if class_indices is None:
@@ -129,8 +130,9 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> Image
     return Image.fromarray(np.round((1 - alpha) * grey + alpha * colours).astype(np.uint8), mode="RGB")
 
 
-def save_explanation(original_path: str | Path, image: np.ndarray, heatmap: np.ndarray, out_dir: str | Path,
-                     *, name: str | None = None) -> Path:
+def save_explanation(
+    original_path: str | Path, image: np.ndarray, heatmap: np.ndarray, out_dir: str | Path, *, name: str | None = None
+) -> Path:
     """Write out_dir/<stem>_gradcam.png: the image as the model saw it, beside the overlay.
 
     No PNG text or time chunks, so the same input gives the same bytes. `name` replaces the stem
@@ -145,10 +147,12 @@ def save_explanation(original_path: str | Path, image: np.ndarray, heatmap: np.n
     return path
 
 
-def pick_examples(labels: Sequence[int], predictions: Sequence[int], per_class: int = 2) -> list[int]:
+def pick_examples(
+    labels: Sequence[int] | np.ndarray, predictions: Sequence[int] | np.ndarray, per_class: int = 2
+) -> list[int]:
     """Indices of up to `per_class` correct and `per_class` wrong predictions for each true class."""
     labels, predictions = np.asarray(labels), np.asarray(predictions)
-    picked = []
+    picked: list[int] = []
     for cls in np.unique(labels):
         for correct in (True, False):
             hits = np.flatnonzero((labels == cls) & ((predictions == cls) == correct))
@@ -156,8 +160,16 @@ def pick_examples(labels: Sequence[int], predictions: Sequence[int], per_class: 
     return picked
 
 
-def gradcam_grid(model: keras.Model, images: np.ndarray, labels: Sequence[int], predictions: Sequence[int],
-                 titles: Sequence[str] | None = None, *, classes: Sequence[str] = CLASSES, ncols: int = 4) -> Figure:
+def gradcam_grid(
+    model: keras.Model,
+    images: np.ndarray,
+    labels: Sequence[int] | np.ndarray,
+    predictions: Sequence[int] | np.ndarray,
+    titles: Sequence[str] | None = None,
+    *,
+    classes: Sequence[str] = CLASSES,
+    ncols: int = 4,
+) -> Figure:
     """Overlays of the predicted class's heatmap; titles green where the prediction is right, red where wrong."""
     heatmaps = GradCam(model)(images, predictions)
     if titles is None:

@@ -8,7 +8,7 @@ end; the data audit and split reports are attached as JSON. No script and no ext
 Why PNGs and not vega views: the figures are the PNGs the plot stage already draws for
 reports/README.md (training curves, confusion matrices, ROC, reliability, Grad-CAM: every plot of
 dvc.yaml), byte-stable, so the report's bytes depend only on the results. Inline vega views would
-need node_modules (an npm install) when the stage runs and make the output depend on whether it is
+need the vl-convert bundle when the stage runs and make the output depend on whether it is
 there, and add 800 kB of JavaScript; `dvc plots show` (offline template, kneexray/offline_plots.py)
 is the interactive view.
 """
@@ -79,8 +79,9 @@ def markdown_to_html(markdown: str, base_dir: str | Path) -> tuple[str, list[Pat
     return md.renderer.render(tokens, md.options, {}), linked
 
 
-def report_html(summary_path: str | Path, attachments: dict[str, str | Path] | None = None,
-                title: str = "kneexray results") -> str:
+def report_html(
+    summary_path: str | Path, attachments: dict[str, str | Path] | None = None, title: str = "kneexray results"
+) -> str:
     """The whole page: the rendered summary, linked images, then each JSON attachment (a label and
     a path) shown in a collapsible block."""
     summary_path = Path(summary_path)
@@ -89,24 +90,31 @@ def report_html(summary_path: str | Path, attachments: dict[str, str | Path] | N
     if linked:
         parts.append("<h2>Linked images</h2>")
         for path in dict.fromkeys(linked):
-            parts.append(f'<h3 id="{_anchor(path)}">{html.escape(path.name)}</h3>\n'
-                         f'<img src="{data_uri(path)}" alt="{html.escape(path.stem)}">')
+            parts.append(
+                f'<h3 id="{_anchor(path)}">{html.escape(path.name)}</h3>\n'
+                f'<img src="{data_uri(path)}" alt="{html.escape(path.stem)}">'
+            )
     if attachments:
         parts.append("<h2>Reports</h2>")
-        for label, path in attachments.items():
-            content = json.dumps(json.loads(Path(path).read_text(encoding="utf-8")), indent=2, sort_keys=True)
-            parts.append(f"<details open><summary><code>{html.escape(label)}</code></summary>\n"
-                         f"<pre>{html.escape(content)}</pre></details>")
-    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-            f"<title>{html.escape(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
-            + "\n".join(parts)
-            + "\n<footer>Written by the <code>plot</code> stage (kneexray/html_report.py); "
-              "one file, no network needed.</footer>\n</body>\n</html>\n")
+        for label, attached in attachments.items():
+            content = json.dumps(json.loads(Path(attached).read_text(encoding="utf-8")), indent=2, sort_keys=True)
+            parts.append(
+                f"<details open><summary><code>{html.escape(label)}</code></summary>\n"
+                f"<pre>{html.escape(content)}</pre></details>"
+            )
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{html.escape(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
+        + "\n".join(parts)
+        + "\n<footer>Written by the <code>plot</code> stage (kneexray/html_report.py); "
+        "one file, no network needed.</footer>\n</body>\n</html>\n"
+    )
 
 
-def write_report(out_path: str | Path, summary_path: str | Path,
-                 attachments: dict[str, str | Path] | None = None) -> Path:
+def write_report(
+    out_path: str | Path, summary_path: str | Path, attachments: dict[str, str | Path] | None = None
+) -> Path:
     """Write the report atomically; returns its path."""
     page = report_html(summary_path, attachments)
     write_text(out_path, page)

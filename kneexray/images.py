@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,11 @@ import numpy as np
 from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+# A file is refused before it is read when larger than 4 bytes a pixel (the most PIL stores) for
+# max_pixels, plus room for metadata: reading it would cost more than decoding any allowed image.
+_BYTES_PER_PIXEL = 4
+_METADATA_BYTES = 16 * 2**20
+_STRETCHED_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
 class ImageError(ValueError):
@@ -31,9 +37,31 @@ class ImageInfo:
     sha256: str
 
 
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest image file read, for a pixel cap of `max_pixels` (extract.max_pixels)."""
+    return _BYTES_PER_PIXEL * max_pixels + _METADATA_BYTES
+
+
+def read_capped(source: str | Path | bytes, max_pixels: int) -> bytes:
+    """The file's bytes, refused unread when over max_file_bytes (a stray 1.5 GB file is no image)."""
+    cap = max_file_bytes(max_pixels)
+    if isinstance(source, bytes):
+        size = len(source)
+    else:
+        with open(source, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            source = handle.read(size) if size <= cap else b""  # read(n) allocates n bytes up front
+    if size > cap:
+        raise ImageError(
+            f"file of {size} bytes is over the {cap}-byte cap for one image "
+            f"(4 bytes a pixel of max_pixels={max_pixels}, plus metadata)"
+        )
+    return source
+
+
 def open_image(source: str | Path | bytes, *, max_pixels: int = 200_000_000, min_side: int = 1) -> Image.Image:
     """Open, size-check and fully decode an image, honouring EXIF orientation."""
-    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    data = read_capped(source, max_pixels)
     if not data:
         raise ImageError("empty file")
     try:
@@ -49,6 +77,8 @@ def open_image(source: str | Path | bytes, *, max_pixels: int = 200_000_000, min
                 if min(width, height) < min_side:
                     raise ImageError(f"{width}x{height} is smaller than the minimum side {min_side}")
                 img.load()
+                if img.format == "JPEG":
+                    _check_jpeg_complete(data, img)
             finally:
                 Image.MAX_IMAGE_PIXELS = previous
         return ImageOps.exif_transpose(img)
@@ -56,13 +86,51 @@ def open_image(source: str | Path | bytes, *, max_pixels: int = 200_000_000, min
         raise
     except Image.UnidentifiedImageError:
         raise ImageError("not a recognised image format") from None
-    except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt data
-        raise ImageError(f"unreadable image data ({err})") from None
+    except Exception as err:  # truncated or corrupt data; hostile files make PIL's plugins raise anything
+        raise ImageError(f"unreadable image data ({_one_line(err) or type(err).__name__})") from None
+
+
+# Bytes that can't form a JPEG marker (no 0xFF), to feed a decoder in place of missing data.
+_FILLER = bytes((i * 97 + 13) % 255 for i in range(1024))
+
+
+def _check_jpeg_complete(data: bytes, img: Image.Image) -> None:
+    """Raise ImageError if the scan data ends before the picture does.
+
+    libjpeg fills a scan cut short with flat blocks and only warns, which PIL drops: a JPEG cut
+    after its header and closed with an end marker decodes "fine". The fill makes the last blocks
+    flat; only then (or for a progressive file) is it decoded again with filler bytes before the
+    end marker: they change the picture only if the decoder had run out of data. Not looked for:
+    data missing from the last few blocks only (a corner of a few pixels), and a progressive
+    file cut exactly between two scans (complete, if less sharp).
+    """
+    end = data.find(b"\xff\xd9", data.rfind(b"\xff\xda"))  # the end marker after the last scan
+    end = len(data) if end < 0 else end
+    pixels = np.asarray(img)
+    height, width = pixels.shape[:2]
+    corner = pixels[(height - 1) // 8 * 8 :, max(0, (width - 1) // 8 - 3) * 8 :]  # the last 4 blocks
+    # progressive files are rare, and libjpeg smooths the blocks a missing scan leaves: always checked
+    if not img.info.get("progressive") and not (corner == corner[:1, :1]).all():
+        return
+    try:
+        again = Image.open(io.BytesIO(data[:end] + _FILLER + data[end:]))
+        again.load()
+        changed = not np.array_equal(np.asarray(again), pixels)
+    except Exception:
+        changed = True  # the filler was read as image data
+    if changed:
+        raise ImageError("unreadable image data (truncated JPEG: its data ends before the image does)")
+
+
+def _one_line(err: object) -> str:
+    return " ".join(str(err).split())
 
 
 def to_grey(img: Image.Image) -> Image.Image:
-    """Any mode (1, L, P, RGB, RGBA, CMYK, I;16, I, F) to 8-bit greyscale 'L'."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    """Any mode (1, L, P, RGB, RGBA, CMYK, LAB, I;16, I, F) to 8-bit greyscale 'L'; ImageError if none fits."""
+    if img.mode == "LAB":  # PIL has no LAB conversion; L is the lightness, what a grey radiograph shows
+        return img.getchannel("L")
+    if img.mode in _STRETCHED_MODES:
         # Stretch the actual range: 16-bit radiographs rarely use the full 0..65535.
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
@@ -72,7 +140,10 @@ def to_grey(img: Image.Image) -> Image.Image:
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))  # X-ray background is black
         img = Image.alpha_composite(background, img)
-    return img.convert("L")
+    try:
+        return img.convert("L")
+    except ValueError:  # "conversion from La to L not supported" and the like
+        raise ImageError(f"colour mode {img.mode} cannot be converted to greyscale") from None
 
 
 def load_grey_array(source: str | Path | bytes, size: int, *, max_pixels: int = 200_000_000) -> np.ndarray:
@@ -81,7 +152,7 @@ def load_grey_array(source: str | Path | bytes, size: int, *, max_pixels: int = 
     JPEGs are decoded at reduced scale (PIL's draft mode) when much larger than `size`, which
     makes loading a 2660 px radiograph several times faster than a full decode.
     """
-    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    data = read_capped(source, max_pixels)
     try:
         probe = Image.open(io.BytesIO(data))
         # Over the cap: open_image below raises the clear error (the draft path must not skip it).
@@ -101,7 +172,7 @@ def load_grey_array(source: str | Path | bytes, size: int, *, max_pixels: int = 
 
 def inspect(path: str | Path, *, max_pixels: int, min_side: int) -> tuple[ImageInfo, Image.Image]:
     """Validate one file and describe it; raises ImageError if it is not usable."""
-    data = Path(path).read_bytes()
+    data = read_capped(path, max_pixels)
     img = open_image(data, max_pixels=max_pixels, min_side=min_side)
     return ImageInfo(
         width=img.width,

@@ -46,7 +46,15 @@ def load_images(paths, size: int, *, root: str | Path = ".", workers: int = 2, d
         out[i, :, :, 0] = load_grey_array(paths[i], size)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(tqdm(pool.map(one, range(len(paths))), total=len(paths), desc=desc, disable=not sys.stderr.isatty(), leave=False))
+        list(
+            tqdm(
+                pool.map(one, range(len(paths))),
+                total=len(paths),
+                desc=desc,
+                disable=not sys.stderr.isatty(),
+                leave=False,
+            )
+        )
     return out
 
 
@@ -66,9 +74,15 @@ def build_augmenter(augment: dict, seed: int) -> tf.keras.Sequential | None:
     if augment["horizontal_flip"]:
         layers.append(keras.layers.RandomFlip("horizontal", seed=seed, **f32))
     if augment["rotation_deg"] > 0:
-        layers.append(keras.layers.RandomRotation(augment["rotation_deg"] / 360.0, fill_mode="constant", seed=seed + 1, **f32))
+        layers.append(
+            keras.layers.RandomRotation(augment["rotation_deg"] / 360.0, fill_mode="constant", seed=seed + 1, **f32)
+        )
     if augment["shift"] > 0:
-        layers.append(keras.layers.RandomTranslation(augment["shift"], augment["shift"], fill_mode="constant", seed=seed + 2, **f32))
+        layers.append(
+            keras.layers.RandomTranslation(
+                augment["shift"], augment["shift"], fill_mode="constant", seed=seed + 2, **f32
+            )
+        )
     if augment["zoom"] > 0:
         layers.append(keras.layers.RandomZoom(augment["zoom"], fill_mode="constant", seed=seed + 3, **f32))
     low, high = augment["brightness"]
@@ -77,8 +91,15 @@ def build_augmenter(augment: dict, seed: int) -> tf.keras.Sequential | None:
     return keras.Sequential(layers, name="augment") if layers else None
 
 
-def make_dataset(images: np.ndarray, labels: np.ndarray | None, *, batch_size: int, shuffle_seed: int | None = None,
-                 augmenter=None, drop_remainder: bool = False) -> tf.data.Dataset:
+def make_dataset(
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    *,
+    batch_size: int,
+    shuffle_seed: int | None = None,
+    augmenter=None,
+    drop_remainder: bool = False,
+) -> tf.data.Dataset:
     """Batches of float32 images in [0, 255] (and one-hot labels); preprocessing is in the model."""
     features = tf.data.Dataset.from_tensor_slices(images)
     if labels is not None:

@@ -10,8 +10,15 @@ import warnings
 
 import numpy as np
 from sklearn.exceptions import UndefinedMetricWarning
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, classification_report, confusion_matrix,
-                             precision_recall_fscore_support, roc_auc_score, roc_curve)
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    classification_report,
+    confusion_matrix,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    roc_curve,
+)
 
 from kneexray import CLASSES
 
@@ -66,8 +73,9 @@ def _auc_rank(positive: np.ndarray, scores: np.ndarray) -> float | None:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def bootstrap_ci(y_true: np.ndarray, proba: np.ndarray, *, resamples: int, seed: int,
-                 level: float = 0.95) -> dict[str, dict[str, float | None]]:
+def bootstrap_ci(
+    y_true: np.ndarray, proba: np.ndarray, *, resamples: int, seed: int, level: float = 0.95
+) -> dict[str, dict[str, float | None]]:
     """Percentile bootstrap over test images for accuracy, macro-F1 and macro AUC.
 
     Counts are computed with NumPy rather than sklearn calls per resample: a thousand resamples
@@ -82,13 +90,18 @@ def bootstrap_ci(y_true: np.ndarray, proba: np.ndarray, *, resamples: int, seed:
     confusion = np.stack([np.bincount(row, minlength=k * k) for row in cells]).reshape(resamples, k, k)
     stats = {"accuracy": list((t == p).mean(axis=1)), "macro_f1": list(_macro_f1_counts(confusion)), "macro_auc": []}
     for row in idx:
-        aucs = [_auc_rank(y_true[row] == c, proba[row, c]) for c in LABELS]
-        aucs = [a for a in aucs if a is not None]
+        aucs = [a for c in LABELS if (a := _auc_rank(y_true[row] == c, proba[row, c])) is not None]
         if len(aucs) >= 2:
             stats["macro_auc"].append(float(np.mean(aucs)))
     tail = (1 - level) / 2 * 100
-    return {name: ({"low": float(np.percentile(v, tail)), "high": float(np.percentile(v, 100 - tail))}
-                   if v else {"low": None, "high": None}) for name, v in stats.items()}
+    return {
+        name: (
+            {"low": float(np.percentile(v, tail)), "high": float(np.percentile(v, 100 - tail))}
+            if v
+            else {"low": None, "high": None}
+        )
+        for name, v in stats.items()
+    }
 
 
 def calibration(y_true: np.ndarray, proba: np.ndarray, bins: int) -> tuple[float, list[dict]]:
@@ -103,8 +116,16 @@ def calibration(y_true: np.ndarray, proba: np.ndarray, bins: int) -> tuple[float
         if members.any():
             conf, acc = float(confidence[members].mean()), float(correct[members].mean())
             ece += members.mean() * abs(acc - conf)
-            rows.append({"bin": b, "bin_low": float(edges[b]), "bin_high": float(edges[b + 1]),
-                         "confidence": conf, "accuracy": acc, "count": int(members.sum())})
+            rows.append(
+                {
+                    "bin": b,
+                    "bin_low": float(edges[b]),
+                    "bin_high": float(edges[b + 1]),
+                    "confidence": conf,
+                    "accuracy": acc,
+                    "count": int(members.sum()),
+                }
+            )
     return float(ece), rows
 
 
@@ -125,15 +146,19 @@ def evaluate_predictions(y_true, proba, *, resamples: int = 1000, seed: int = 0,
     _check(y_true, proba)
     present = np.unique(y_true)
     if len(present) < 2:
-        raise MetricsError(f"the test set holds only class {CLASSES[present[0]]!r}: per-class and AUC metrics "
-                           "are undefined; use a larger test split")
+        raise MetricsError(
+            f"the test set holds only class {CLASSES[present[0]]!r}: per-class and AUC metrics "
+            "are undefined; use a larger test split"
+        )
     y_pred = proba.argmax(axis=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)
         precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=LABELS, zero_division=0)
         weighted = precision_recall_fscore_support(y_true, y_pred, labels=LABELS, average="weighted", zero_division=0)
         macro = precision_recall_fscore_support(y_true, y_pred, labels=LABELS, average="macro", zero_division=0)
-        report = classification_report(y_true, y_pred, labels=LABELS, target_names=list(CLASSES), zero_division=0, digits=3)
+        report = classification_report(
+            y_true, y_pred, labels=LABELS, target_names=list(CLASSES), zero_division=0, digits=3
+        )
     ece, reliability = calibration(y_true, proba, bins)
     return {
         "n_test": int(len(y_true)),
@@ -147,8 +172,10 @@ def evaluate_predictions(y_true, proba, *, resamples: int = 1000, seed: int = 0,
         "weighted_recall": float(weighted[1]),
         "weighted_f1": float(weighted[2]),
         "macro_auc": macro_auc(y_true, proba),
-        "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-                      for name, p, r, f, s in zip(CLASSES, precision, recall, f1, support)},
+        "per_class": {
+            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for name, p, r, f, s in zip(CLASSES, precision, recall, f1, support)
+        },
         "per_class_auc": per_class_auc(y_true, proba),
         "ci95": bootstrap_ci(y_true, proba, resamples=resamples, seed=seed),
         "ece": ece,
@@ -159,8 +186,9 @@ def evaluate_predictions(y_true, proba, *, resamples: int = 1000, seed: int = 0,
     }
 
 
-def paired_difference(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, *, resamples: int, seed: int,
-                      level: float = 0.95) -> dict[str, float]:
+def paired_difference(
+    y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, *, resamples: int, seed: int, level: float = 0.95
+) -> dict[str, float]:
     """Macro-F1 of A minus B on the same bootstrap resamples of the test images (a paired CI:
     both are scored on each resample, so the shared luck of the test set cancels)."""
     rng = np.random.default_rng(seed)
@@ -172,12 +200,16 @@ def paired_difference(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray
         confusion = np.stack([np.bincount(row, minlength=k * k) for row in cells]).reshape(resamples, k, k)
         return _macro_f1_counts(confusion)
 
-    full = _macro_f1_counts(np.bincount(y_true * k + pred_a, minlength=k * k).reshape(k, k)) \
-        - _macro_f1_counts(np.bincount(y_true * k + pred_b, minlength=k * k).reshape(k, k))
+    full = _macro_f1_counts(np.bincount(y_true * k + pred_a, minlength=k * k).reshape(k, k)) - _macro_f1_counts(
+        np.bincount(y_true * k + pred_b, minlength=k * k).reshape(k, k)
+    )
     diffs = f1s(pred_a) - f1s(pred_b)
     tail = (1 - level) / 2 * 100
-    return {"macro_f1_difference": float(full), "low": float(np.percentile(diffs, tail)),
-            "high": float(np.percentile(diffs, 100 - tail))}
+    return {
+        "macro_f1_difference": float(full),
+        "low": float(np.percentile(diffs, tail)),
+        "high": float(np.percentile(diffs, 100 - tail)),
+    }
 
 
 def chance_summary(y_true: np.ndarray, draws: np.ndarray, level: float = 0.95) -> dict:
@@ -190,6 +222,8 @@ def chance_summary(y_true: np.ndarray, draws: np.ndarray, level: float = 0.95) -
     tail = (1 - level) / 2 * 100
     out: dict = {name: float(v.mean()) for name, v in stats.items()}
     out["macro_auc"] = 0.5
-    out["ci95"] = {name: {"low": float(np.percentile(v, tail)), "high": float(np.percentile(v, 100 - tail))}
-                   for name, v in stats.items()}
+    out["ci95"] = {
+        name: {"low": float(np.percentile(v, tail)), "high": float(np.percentile(v, 100 - tail))}
+        for name, v in stats.items()
+    }
     return out

@@ -30,8 +30,9 @@ def _output_layer(output_bias, name: str = "probabilities") -> keras.layers.Dens
     return keras.layers.Dense(len(CLASSES), activation="softmax", dtype="float32", bias_initializer=init, name=name)
 
 
-def build_cnn(size: int, *, filters: list[int], dense_units: int, dropout: float, output_bias=None,
-              name: str = "cnn") -> keras.Model:
+def build_cnn(
+    size: int, *, filters: list[int], dense_units: int, dropout: float, output_bias=None, name: str = "cnn"
+) -> keras.Model:
     """Conv blocks [Conv3x3-BN-ReLU, MaxPool], dropout, global pooling and a small dense head.
 
     Global average pooling instead of the original Flatten -> Dense(256): that single layer held
@@ -45,8 +46,9 @@ def build_cnn(size: int, *, filters: list[int], dense_units: int, dropout: float
     x = keras.layers.Rescaling(1.0 / 255)(inputs)
     for i, width in enumerate(filters):
         # The first conv strides by 2: full-resolution feature maps cost most of a CPU's time.
-        x = keras.layers.Conv2D(width, 3, strides=2 if i == 0 else 1, padding="same", use_bias=False,
-                                name=f"conv{i + 1}")(x)
+        x = keras.layers.Conv2D(
+            width, 3, strides=2 if i == 0 else 1, padding="same", use_bias=False, name=f"conv{i + 1}"
+        )(x)
         x = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{i + 1}")(x)
         x = keras.layers.Activation("relu", name=f"relu{i + 1}")(x)
         x = keras.layers.MaxPooling2D(2, name=f"pool{i + 1}")(x)
@@ -165,7 +167,9 @@ def recompute_batchnorm(model: keras.Model, images, chunk: int = 256) -> None:
     Equal-weight averaging over chunks (momentum (i-1)/i on chunk i) makes one chunk exact."""
     import numpy as np
 
-    layers = [layer for layer in _flatten(model) if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+    layers = [
+        layer for layer in _flatten(model) if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+    ]
     if not layers or len(images) == 0:
         return
     momenta = [layer.momentum for layer in layers]
@@ -173,7 +177,7 @@ def recompute_batchnorm(model: keras.Model, images, chunk: int = 256) -> None:
         for i, start in enumerate(range(0, len(images), chunk)):
             for layer in layers:
                 layer.momentum = i / (i + 1)
-            model(np.asarray(images[start:start + chunk], dtype="float32"), training=True)
+            model(np.asarray(images[start : start + chunk], dtype="float32"), training=True)
     finally:
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum

@@ -7,8 +7,9 @@ values raise ParamsError with a one-line message that names the key and what is 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ruamel.yaml import YAML, YAMLError
 
@@ -216,7 +217,9 @@ def validate(params: Any) -> dict[str, dict[str, Any]]:
         raise ParamsError(f"dataset.url: must start with http://, https:// or file://, got {dataset['url']!r}")
     if dataset["source"] == "path" and not dataset["path"]:
         raise ParamsError("dataset.path: required when dataset.source is 'path' (a ZIP or a class folder)")
-    if dataset["sha256"] and not (len(dataset["sha256"]) == 64 and all(c in "0123456789abcdefABCDEF" for c in dataset["sha256"])):
+    if dataset["sha256"] and not (
+        len(dataset["sha256"]) == 64 and all(c in "0123456789abcdefABCDEF" for c in dataset["sha256"])
+    ):
         raise ParamsError("dataset.sha256: expected 64 hexadecimal digits or an empty string")
     resnet = checked["resnet"]
     if resnet["weights"] == "file" and not resnet["weights_path"]:

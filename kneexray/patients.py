@@ -38,7 +38,9 @@ def _column(frame: pd.DataFrame, *names: str) -> str | None:
 
 
 def find_table(root: str | Path) -> Path | None:
-    tables = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in TABLE_SUFFIXES and not p.name.startswith((".", "~$")))
+    tables = sorted(
+        p for p in Path(root).rglob("*") if p.suffix.lower() in TABLE_SUFFIXES and not p.name.startswith((".", "~$"))
+    )
     return tables[0] if tables else None
 
 
@@ -49,13 +51,17 @@ def read_table(path: str | Path) -> pd.DataFrame:
     pid = _column(frame, "patientid", "id")
     tsc = _column(frame, "tscorevalue", "tscore")
     if pid is None or tsc is None:
-        raise ValueError(f"{path.name}: no 'Patient Id' and 'T-score' columns (found: {', '.join(map(str, frame.columns))})")
+        raise ValueError(
+            f"{path.name}: no 'Patient Id' and 'T-score' columns (found: {', '.join(map(str, frame.columns))})"
+        )
     diag = _column(frame, "diagnosis")
-    out = pd.DataFrame({
-        "patient_id": frame[pid].astype(str).str.strip(),
-        "t_score": pd.to_numeric(frame[tsc], errors="coerce"),
-        "diagnosis": frame[diag].astype(str).str.strip().str.lower() if diag else None,
-    })
+    out = pd.DataFrame(
+        {
+            "patient_id": frame[pid].astype(str).str.strip(),
+            "t_score": pd.to_numeric(frame[tsc], errors="coerce"),
+            "diagnosis": frame[diag].astype(str).str.strip().str.lower() if diag else None,
+        }
+    )
     for name, aliases in CLINICAL.items():  # for the clinical baselines, where the table has them
         column = _column(frame, *aliases)
         if column is not None:
@@ -97,10 +103,22 @@ def check_labels(index: pd.DataFrame, table: pd.DataFrame) -> dict:
         diagnosis = diagnosis if isinstance(diagnosis, str) and diagnosis not in ("", "nan") else None
         if expected is not None and expected != label or (diagnosis is not None and diagnosis != label):
             t_score = None if pd.isna(row["t_score"]) else float(row["t_score"])  # no NaN in the JSON audit
-            disagreements.append({"source": source, "label": label, "t_score": t_score,
-                                  "who_category": expected, "table_diagnosis": diagnosis})
-    return {"rows": int(len(table)), "images_matched": int(len(index) - unmatched),
-            "images_unmatched": unmatched, "label_disagreements": len(disagreements), "disagreements": disagreements}
+            disagreements.append(
+                {
+                    "source": source,
+                    "label": label,
+                    "t_score": t_score,
+                    "who_category": expected,
+                    "table_diagnosis": diagnosis,
+                }
+            )
+    return {
+        "rows": int(len(table)),
+        "images_matched": int(len(index) - unmatched),
+        "images_unmatched": unmatched,
+        "label_disagreements": len(disagreements),
+        "disagreements": disagreements,
+    }
 
 
 def audit_patient_table(root: str | Path, index: pd.DataFrame) -> dict:

@@ -89,7 +89,7 @@ def _draw_nuisance(rng: np.random.Generator, size: int) -> _Nuisance:
         zoom=float(rng.uniform(0.8, 1.25)),
         shift=(float(rng.uniform(-0.18, 0.18)), float(rng.uniform(-0.2, 0.2))),
         mirror=bool(rng.random() < 0.5),
-        collimation=tuple(float(i) for i in insets) if collimated else None,
+        collimation=(float(insets[0]), float(insets[1]), float(insets[2]), float(insets[3])) if collimated else None,
         photons=float(np.exp(rng.uniform(np.log(300), np.log(3000)))),
         heel=float(rng.uniform(0.0, 0.2)),
         heel_direction=float(rng.uniform(-math.pi, math.pi)),
@@ -153,8 +153,15 @@ def _fibula(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return _smin(head, shaft, 0.06)
 
 
-def _band_noise(spectrum: np.ndarray, radius: np.ndarray, phi: np.ndarray, *, freq: float,
-                direction: float | None, shape: tuple[int, int]) -> np.ndarray:
+def _band_noise(
+    spectrum: np.ndarray,
+    radius: np.ndarray,
+    phi: np.ndarray,
+    *,
+    freq: float,
+    direction: float | None,
+    shape: tuple[int, int],
+) -> np.ndarray:
     """Unit-variance noise passed through a radial band around `freq`, optionally oriented."""
     response = np.exp(-0.5 * ((radius - freq) / (0.35 * freq)) ** 2)
     if direction is not None:
@@ -245,8 +252,12 @@ def render_knee(rng: np.random.Generator, label: str, *, size: int = 256, diffic
         left, right, top, bottom = nu.collimation
         cols = np.arange(nu.width, dtype=np.float32)[None, :] + 0.5
         rows = np.arange(nu.height, dtype=np.float32)[:, None] + 0.5
-        field = (_sigmoid(3 * (cols - left * nu.width)) * _sigmoid(3 * ((1 - right) * nu.width - cols))
-                 * _sigmoid(3 * (rows - top * nu.height)) * _sigmoid(3 * ((1 - bottom) * nu.height - rows)))
+        field = (
+            _sigmoid(3 * (cols - left * nu.width))
+            * _sigmoid(3 * ((1 - right) * nu.width - cols))
+            * _sigmoid(3 * (rows - top * nu.height))
+            * _sigmoid(3 * ((1 - bottom) * nu.height - rows))
+        )
         grey = field * grey + (1 - field) * nu.shutter
     grey += rng.normal(0, nu.read_noise, size=grey.shape)
     pixels = np.round(np.clip(grey, 0, 1) * 255).astype(np.uint8)
@@ -257,8 +268,9 @@ def render_knee(rng: np.random.Generator, label: str, *, size: int = 256, diffic
 def phantom_labels(n_images: int, class_fractions: dict[str, float], seed: int) -> list[str]:
     """Exactly apportioned labels (largest remainder), in an order shuffled by `seed`."""
     if set(class_fractions) != set(CLASSES):
-        raise ValueError(f"class_fractions must have exactly the keys {', '.join(CLASSES)}, "
-                         f"got {sorted(class_fractions)}")
+        raise ValueError(
+            f"class_fractions must have exactly the keys {', '.join(CLASSES)}, got {sorted(class_fractions)}"
+        )
     fractions = [float(class_fractions[c]) for c in CLASSES]
     if any(not f > 0 for f in fractions):  # also rejects NaN
         raise ValueError(f"class_fractions must all be > 0, got {class_fractions}")
@@ -276,8 +288,16 @@ def phantom_labels(n_images: int, class_fractions: dict[str, float], seed: int) 
     return [str(label) for label in np.random.default_rng(seed).permutation(labels)]
 
 
-def write_phantom_archive(path: str | os.PathLike, *, n_images: int, class_fractions: dict[str, float], size: int,
-                          difficulty: float, seed: int, progress: bool = False) -> dict[str, int]:
+def write_phantom_archive(
+    path: str | os.PathLike,
+    *,
+    n_images: int,
+    class_fractions: dict[str, float],
+    size: int,
+    difficulty: float,
+    seed: int,
+    progress: bool = False,
+) -> dict[str, int]:
     """Write a phantom dataset packed like the published one and return the image count per class.
 
     Layout: an outer ZIP holding only "Knee-X-ray.zip", which holds "Knee-X-ray/<class>/<prefix><n>.jpg".

@@ -65,8 +65,18 @@ def confusion_heatmap(matrix, title: str):
     share = np.divide(counts, rows, out=np.zeros_like(counts, dtype=float), where=rows > 0)
     labels = np.array([[f"{n}\n{p:.0%}" for n, p in zip(r_n, r_p)] for r_n, r_p in zip(counts, share)])
     fig, ax = plt.subplots(figsize=(5.2, 4.4))
-    sns.heatmap(share, annot=labels, fmt="", cmap="Blues", vmin=0, vmax=1, cbar_kws={"label": "share of true class"},
-                xticklabels=CLASSES, yticklabels=CLASSES, ax=ax)
+    sns.heatmap(
+        share,
+        annot=labels,
+        fmt="",
+        cmap="Blues",
+        vmin=0,
+        vmax=1,
+        cbar_kws={"label": "share of true class"},
+        xticklabels=CLASSES,
+        yticklabels=CLASSES,
+        ax=ax,
+    )
     ax.set(title=f"{title}: confusion matrix (test)", xlabel="predicted", ylabel="true")
     fig.tight_layout()
     return fig
@@ -90,7 +100,9 @@ def reliability_figure(eval_dir: Path, title: str, ece: float):
     fig, ax = plt.subplots(figsize=(4.6, 4.4))
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
     ax.plot(table["confidence"], table["accuracy"], "-o", label="model")
-    ax.set(title=f"{title}: reliability (ECE {ece:.3f})", xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+    ax.set(
+        title=f"{title}: reliability (ECE {ece:.3f})", xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1)
+    )
     ax.legend()
     fig.tight_layout()
     return fig
@@ -111,8 +123,10 @@ def _patient_line(table: dict) -> str:
         return "No patient table in the archive (labels not checked against T-scores)."
     if "label_disagreements" not in table:
         return "A patient table was found but could not be read."
-    return (f"Patient table: {table['images_matched']} images matched, {table['label_disagreements']} label(s) "
-            "disagree with the WHO category of their T-score.")
+    return (
+        f"Patient table: {table['images_matched']} images matched, {table['label_disagreements']} label(s) "
+        "disagree with the WHO category of their T-score."
+    )
 
 
 BASELINE_TITLES = {
@@ -129,23 +143,36 @@ def _baseline_lines(metrics: dict, models: list[str]) -> list[str]:
     found = metrics.get("baselines")
     if not found:
         return []
-    lines = ["", "### Baselines on the same test images", "", "| baseline | accuracy | macro-F1 | macro AUC |",
-             "|---|---|---|---|"]
+    lines = [
+        "",
+        "### Baselines on the same test images",
+        "",
+        "| baseline | accuracy | macro-F1 | macro AUC |",
+        "|---|---|---|---|",
+    ]
     for name, entry in found.items():
         auc = entry["macro_auc"] if name == "chance" else None
-        lines.append(f"| {BASELINE_TITLES.get(name, name)} | {format_with_ci(entry, 'accuracy')} | "
-                     f"{format_with_ci(entry, 'macro_f1')} | {auc if auc is not None else format_with_ci(entry, 'macro_auc')} |")
-    lines += ["", "| model | macro-F1 minus the best baseline's (paired 95% CI) | out-of-fold macro-F1 | selected epoch | no skill |",
-              "|---|---|---|---|---|"]
+        lines.append(
+            f"| {BASELINE_TITLES.get(name, name)} | {format_with_ci(entry, 'accuracy')} | "
+            f"{format_with_ci(entry, 'macro_f1')} | {auc if auc is not None else format_with_ci(entry, 'macro_auc')} |"
+        )
+    lines += [
+        "",
+        "| model | macro-F1 minus the best baseline's (paired 95% CI) | out-of-fold macro-F1 "
+        "| selected epoch | no skill |",
+        "|---|---|---|---|---|",
+    ]
     for m in models:
         e, d = metrics[m], metrics[m].get("vs_best_baseline")
         if d is None:
             continue
         oof = e.get("out_of_fold", {}).get("macro_f1")
-        lines.append(f"| {MODEL_TITLES[m]} | {d['macro_f1_difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] vs "
-                     f"{BASELINE_TITLES.get(d['baseline'], d['baseline'])} | {'n/a' if oof is None else f'{oof:.3f}'} | "
-                     f"{e.get('selected_epoch', 'n/a')} of {e.get('folds', 1)}-fold CV | "
-                     f"{'**YES**' if e.get('no_skill') else 'no'} |")
+        lines.append(
+            f"| {MODEL_TITLES[m]} | {d['macro_f1_difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] vs "
+            f"{BASELINE_TITLES.get(d['baseline'], d['baseline'])} | {'n/a' if oof is None else f'{oof:.3f}'} | "
+            f"{e.get('selected_epoch', 'n/a')} of {e.get('folds', 1)}-fold CV | "
+            f"{'**YES**' if e.get('no_skill') else 'no'} |"
+        )
     return lines
 
 
@@ -161,34 +188,49 @@ def summary_markdown(metrics: dict, audit: dict, split: dict, figures: list[str]
         "Brackets: 95% bootstrap confidence intervals over test images.",
         "",
         "| model | weights | accuracy | macro-F1 | macro AUC | balanced acc. | "
-        + " | ".join(f"recall {c}" for c in CLASSES) + " | ECE |",
+        + " | ".join(f"recall {c}" for c in CLASSES)
+        + " | ECE |",
         "|---|---|---|---|---|---|" + "---|" * len(CLASSES) + "---|",
     ]
     for m in models:
         e = metrics[m]
-        lines.append(f"| {MODEL_TITLES[m]} | {e['weights_source']} | {format_with_ci(e, 'accuracy')} | {format_with_ci(e, 'macro_f1')} | "
-                     f"{format_with_ci(e, 'macro_auc')} | {e['balanced_accuracy']:.3f} | "
-                     + " | ".join(f"{e['recall'][c]:.3f}" for c in CLASSES) + f" | {e['ece']:.3f} |")
+        lines.append(
+            f"| {MODEL_TITLES[m]} | {e['weights_source']} | {format_with_ci(e, 'accuracy')} | "
+            f"{format_with_ci(e, 'macro_f1')} | "
+            f"{format_with_ci(e, 'macro_auc')} | {e['balanced_accuracy']:.3f} | "
+            + " | ".join(f"{e['recall'][c]:.3f}" for c in CLASSES)
+            + f" | {e['ece']:.3f} |"
+        )
     lines += _baseline_lines(metrics, models)
     if any(metrics[m]["weights_source"] == "random" for m in models):
-        lines += ["", "**The ResNet50 ran without ImageNet weights (none could be loaded): its figures are those of "
-                  "a random-feature model, not of transfer learning.**"]
-    lines += ["", "## Data", "",
-              f"Files seen {audit['files_seen']}, unreadable {audit['unreadable']}, exact copies removed "
-              f"{audit['exact_copy_files_removed']}, near-duplicate groups {audit['near_duplicate_groups']}, "
-              f"label conflicts {audit['label_conflicts']} ({'kept' if audit['label_conflicts_kept'] else 'dropped'}). "
-              + _patient_line(audit.get("patient_table", {}))
-              + " Flagged pairs, for a person to check: [data_audit_pairs.png](data_audit_pairs.png); "
-              "file lists: `reports/data_audit_details.json`.",
-              "", "| split | " + " | ".join(CLASSES) + " |", "|---|" + "---|" * len(CLASSES)]
+        lines += [
+            "",
+            "**The ResNet50 ran without ImageNet weights (none could be loaded): its figures are those of "
+            "a random-feature model, not of transfer learning.**",
+        ]
+    lines += [
+        "",
+        "## Data",
+        "",
+        f"Files seen {audit['files_seen']}, unreadable {audit['unreadable']}, exact copies removed "
+        f"{audit['exact_copy_files_removed']}, near-duplicate groups {audit['near_duplicate_groups']}, "
+        f"label conflicts {audit['label_conflicts']} ({'kept' if audit['label_conflicts_kept'] else 'dropped'}). "
+        + _patient_line(audit.get("patient_table", {}))
+        + " Flagged pairs, for a person to check: [data_audit_pairs.png](data_audit_pairs.png); "
+        "file lists: `reports/data_audit_details.json`.",
+        "",
+        "| split | " + " | ".join(CLASSES) + " |",
+        "|---|" + "---|" * len(CLASSES),
+    ]
     for name, counts in split["images_per_split"].items():
         lines.append(f"| {name} | " + " | ".join(str(counts[c]) for c in CLASSES) + " |")
     lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
 
 
-def gradcam_figure(model_path: str | Path, predictions: pd.DataFrame, data_root: str | Path, title: str,
-                   per_class: int = 2):
+def gradcam_figure(
+    model_path: str | Path, predictions: pd.DataFrame, data_root: str | Path, title: str, per_class: int = 2
+):
     """Grad-CAM overlays for a few test images per class, right and wrong."""
     from kneexray.gradcam import gradcam_grid, pick_examples
     from kneexray.inputs import label_indices, load_images
@@ -203,8 +245,18 @@ def gradcam_figure(model_path: str | Path, predictions: pd.DataFrame, data_root:
     return fig
 
 
-def make_figures(*, metrics_path, eval_dir, live_dirs: dict[str, str], audit_path, split_report, figures_dir,
-                 summary_path, models: dict[str, str] | None = None, data_root: str | Path = ".") -> list[Path]:
+def make_figures(
+    *,
+    metrics_path,
+    eval_dir,
+    live_dirs: dict[str, str],
+    audit_path,
+    split_report,
+    figures_dir,
+    summary_path,
+    models: dict[str, str] | None = None,
+    data_root: str | Path = ".",
+) -> list[Path]:
     """All PNGs into figures_dir and the Markdown summary (linking them) to summary_path; with
     `models`, Grad-CAM grids of test images too."""
     metrics = json.loads(Path(metrics_path).read_text())
@@ -226,8 +278,11 @@ def make_figures(*, metrics_path, eval_dir, live_dirs: dict[str, str], audit_pat
         for name, fig in figures.items():
             save_png(fig, out_dir / name)
             written.append(out_dir / name)
-    summary = summary_markdown(metrics, json.loads(Path(audit_path).read_text()),
-                               json.loads(Path(split_report).read_text()),
-                               [os.path.relpath(p, summary_path.parent) for p in written])
+    summary = summary_markdown(
+        metrics,
+        json.loads(Path(audit_path).read_text()),
+        json.loads(Path(split_report).read_text()),
+        [os.path.relpath(p, summary_path.parent) for p in written],
+    )
     write_text(summary_path, summary)
     return written

@@ -11,10 +11,11 @@ import io
 import logging
 import os
 import stat
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Iterable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -41,8 +42,11 @@ def collect_inputs(paths: Iterable[str | Path]) -> list[Path]:
     for path in map(Path, paths):
         if path.is_dir():
             # Hidden files in image folders are mostly macOS "._" resource forks, not images.
-            found.update(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in INPUT_SUFFIXES
-                         and not f.name.startswith("."))
+            found.update(
+                f
+                for f in path.rglob("*")
+                if f.is_file() and f.suffix.lower() in INPUT_SUFFIXES and not f.name.startswith(".")
+            )
         else:
             found.add(path)
     return sorted(found)
@@ -57,8 +61,15 @@ def read_regular_file(path: str | Path) -> bytes:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            what = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
-                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+            what = (
+                "a FIFO"
+                if stat.S_ISFIFO(mode)
+                else "a device"
+                if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "a socket"
+                if stat.S_ISSOCK(mode)
+                else "not a regular file"
+            )
             raise ImageError(f"{what}, not an image file; skipped")
         with os.fdopen(fd, "rb", closefd=False) as handle:
             return handle.read()
@@ -77,13 +88,16 @@ def load_for_model(path: str | Path, size: int) -> np.ndarray:
 
 
 def _decode(path: Path, size: int) -> np.ndarray | str:
-    """The image, or why it can't be used."""
+    """The image, or why it can't be used (the row names the file)."""
     try:
         return load_for_model(path, size)
     except ImageError as err:
         return str(err)
     except OSError as err:  # missing or unreadable: strerror is the short reason
         return err.strerror or str(err)
+    except Exception as err:  # one odd file must not stop the others being classified
+        log.debug("%s: decoding failed", path, exc_info=True)
+        return f"unusable image ({type(err).__name__}: {' '.join(str(err).split())})"
 
 
 def _explanation_names(files: list[Path]) -> list[str]:
@@ -110,8 +124,9 @@ def _explanation_names(files: list[Path]) -> list[str]:
     return names
 
 
-def predict_files(model_path: str | Path, paths: Iterable[str | Path], batch_size: int = 32, *,
-                  explain_dir: str | Path | None = None) -> list[dict]:
+def predict_files(
+    model_path: str | Path, paths: Iterable[str | Path], batch_size: int = 32, *, explain_dir: str | Path | None = None
+) -> list[dict]:
     """One row per input file, in sorted order.
 
     Classified: {"path", "predicted", "probabilities": {class: p}} (plus "explanation", the
@@ -121,20 +136,24 @@ def predict_files(model_path: str | Path, paths: Iterable[str | Path], batch_siz
     model, metadata = load_model(model_path)
     classes, size = list(metadata["classes"]), int(metadata["image_size"])
     if model.output_shape[-1] != len(classes):
-        raise ValueError(f"{model_path}: the model has {model.output_shape[-1]} outputs but its metadata "
-                         f"names {len(classes)} classes")
+        raise ValueError(
+            f"{model_path}: the model has {model.output_shape[-1]} outputs but its metadata "
+            f"names {len(classes)} classes"
+        )
     files = collect_inputs(paths)
     log.info("%s: %s model, %d px, %d file(s)", model_path, metadata.get("model", "?"), size, len(files))
     explainer = GradCam(model) if explain_dir is not None else None
     names = _explanation_names(files)
 
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     with ThreadPoolExecutor(max_workers=2) as pool:  # PIL releases the GIL while decoding
         for start in range(0, len(files), batch_size):
-            chunk = files[start:start + batch_size]
+            chunk = files[start : start + batch_size]
             decoded = list(pool.map(partial(_decode, size=size), chunk))
-            chunk_rows = [{"path": str(path)} if isinstance(d, np.ndarray) else {"path": str(path), "error": d}
-                          for path, d in zip(chunk, decoded)]
+            chunk_rows: list[dict[str, Any]] = [
+                {"path": str(path)} if isinstance(d, np.ndarray) else {"path": str(path), "error": d}
+                for path, d in zip(chunk, decoded)
+            ]
             good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
             if good:
                 images = np.stack([decoded[i] for i in good])[..., None]
@@ -143,9 +162,10 @@ def predict_files(model_path: str | Path, paths: Iterable[str | Path], batch_siz
                 for k, i in enumerate(good):
                     chunk_rows[i]["predicted"] = classes[int(proba[k].argmax())]
                     chunk_rows[i]["probabilities"] = {c: float(p) for c, p in zip(classes, proba[k])}
-                    if explainer:
-                        out = save_explanation(chunk[i], images[k, ..., 0], heatmaps[k], explain_dir,
-                                               name=names[start + i])
+                    if explainer and heatmaps is not None and explain_dir is not None:
+                        out = save_explanation(
+                            chunk[i], images[k, ..., 0], heatmaps[k], explain_dir, name=names[start + i]
+                        )
                         chunk_rows[i]["explanation"] = str(out)
             rows.extend(chunk_rows)
     log.info("classified %d of %d file(s)", sum("error" not in r for r in rows), len(rows))
@@ -173,8 +193,9 @@ def write_csv(rows: list[dict], path: str | Path) -> None:
     for row in rows:
         proba = row.get("probabilities", {})
         probabilities = (f"{proba[c]:.6f}" if c in proba else "" for c in classes)
-        writer.writerow([_cell(row["path"]), _cell(row.get("predicted", "")), *probabilities,
-                         _cell(row.get("error", ""))])
+        writer.writerow(
+            [_cell(row["path"]), _cell(row.get("predicted", "")), *probabilities, _cell(row.get("error", ""))]
+        )
     atomic.write_text(path, buffer.getvalue())
 
 

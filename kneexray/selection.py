@@ -71,5 +71,5 @@ def prediction_shares(proba: np.ndarray) -> dict[str, float]:
 
 def no_skill(shares: dict[str, float], threshold: float) -> str | None:
     """The class a model gives (nearly) every image, or None when its decisions vary."""
-    top = max(shares, key=shares.get)
+    top = max(shares, key=lambda c: shares[c])
     return top if shares[top] >= threshold else None

@@ -17,8 +17,9 @@ from kneexray import CLASSES
 
 
 def _features(frame: pd.DataFrame) -> np.ndarray:
-    return np.column_stack([frame["width"], frame["height"], frame["width"] / frame["height"],
-                            (frame["mode"] != "L").astype(int)])
+    return np.column_stack(
+        [frame["width"], frame["height"], frame["width"] / frame["height"], (frame["mode"] != "L").astype(int)]
+    )
 
 
 def metadata_only_macro_f1(index: pd.DataFrame, train_paths, test_paths, seed: int = 0) -> float:
@@ -27,8 +28,9 @@ def metadata_only_macro_f1(index: pd.DataFrame, train_paths, test_paths, seed: i
     train, test = by_path.loc[list(train_paths)], by_path.loc[list(test_paths)]
     clf = RandomForestClassifier(n_estimators=200, random_state=seed, class_weight="balanced")
     clf.fit(_features(train), train["label"])
-    return float(f1_score(test["label"], clf.predict(_features(test)), labels=list(CLASSES), average="macro",
-                          zero_division=0))
+    return float(
+        f1_score(test["label"], clf.predict(_features(test)), labels=list(CLASSES), average="macro", zero_division=0)
+    )
 
 
 def largest_stratum_scores(index: pd.DataFrame, predictions: pd.DataFrame) -> dict:
@@ -43,6 +45,7 @@ def largest_stratum_scores(index: pd.DataFrame, predictions: pd.DataFrame) -> di
         "n": n,
         "per_class": {c: int((group["actual"] == c).sum()) for c in CLASSES},
         "accuracy": float((group["actual"] == group["predicted"]).mean()),
-        "macro_f1": float(f1_score(group["actual"], group["predicted"], labels=list(CLASSES), average="macro",
-                                   zero_division=0)),
+        "macro_f1": float(
+            f1_score(group["actual"], group["predicted"], labels=list(CLASSES), average="macro", zero_division=0)
+        ),
     }

@@ -6,10 +6,12 @@ Whatever the source, the result is one ZIP file (nested or not) for the extract 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import zipfile
 from pathlib import Path
 
+from kneexray.archive import walk_tree
 from kneexray.atomic import atomic_path, stable_zip_entry
 from kneexray.download import DownloadError, download, sha256_file
 from kneexray.phantom import write_phantom_archive
@@ -18,11 +20,21 @@ log = logging.getLogger(__name__)
 
 
 def _pack_folder(folder: Path, out_zip: Path) -> None:
-    """A folder laid out by class becomes a ZIP (stored, not compressed: JPEGs don't shrink)."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+    """A folder laid out by class becomes a ZIP (stored, not compressed: JPEGs don't shrink).
+
+    Files are streamed, so a stray huge file costs no memory here; the extract stage then skips
+    any file too large to be an image (and says so in the audit).
+    """
+    files = sorted(here / name for here, _, names in walk_tree(folder) for name in names)
     with atomic_path(out_zip, kind="file") as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
         for path in files:
-            archive.writestr(stable_zip_entry(path.relative_to(folder).as_posix(), zipfile.ZIP_STORED), path.read_bytes())
+            if path.is_symlink() or not path.is_file():
+                continue
+            entry = stable_zip_entry(path.relative_to(folder).as_posix(), zipfile.ZIP_STORED)
+            with open(path, "rb") as src:
+                entry.file_size = os.fstat(src.fileno()).st_size  # as writestr sets it: ZIP64 only when needed
+                with archive.open(entry, "w") as dst:
+                    shutil.copyfileobj(src, dst, 2**20)
 
 
 def _copy_zip(source: Path, out_zip: Path, sha256: str) -> None:
@@ -40,15 +52,30 @@ def fetch(params: dict, out_zip: str | Path) -> dict:
     source = cfg["source"]
     if source == "phantom":
         ph = params["phantom"]
-        counts = write_phantom_archive(out_zip, n_images=ph["n_images"], class_fractions=ph["class_fractions"],
-                                       size=ph["size"], difficulty=ph["difficulty"], seed=ph["seed"], progress=True)
+        counts = write_phantom_archive(
+            out_zip,
+            n_images=ph["n_images"],
+            class_fractions=ph["class_fractions"],
+            size=ph["size"],
+            difficulty=ph["difficulty"],
+            seed=ph["seed"],
+            progress=True,
+        )
         log.info("phantom: %s", counts)
     elif source == "url":
         try:
             # require_zip: an HTML error page must fail here, not be cached by DVC as the dataset
-            download(cfg["url"], out_zip, sha256=cfg["sha256"] or None, max_bytes=cfg["max_download_mb"] * 2**20,
-                     timeout=cfg["timeout_s"], retries=cfg["retries"], deadline=cfg["deadline_s"],
-                     min_rate_kbps=cfg["min_rate_kbps"], require_zip=True)
+            download(
+                cfg["url"],
+                out_zip,
+                sha256=cfg["sha256"] or None,
+                max_bytes=cfg["max_download_mb"] * 2**20,
+                timeout=cfg["timeout_s"],
+                retries=cfg["retries"],
+                deadline=cfg["deadline_s"],
+                min_rate_kbps=cfg["min_rate_kbps"],
+                require_zip=True,
+            )
         except DownloadError as err:
             raise RuntimeError(str(err)) from None
     else:

@@ -21,16 +21,19 @@ def _hold_out(frame: pd.DataFrame, ratio: float, seed: int, what: str) -> tuple[
     counts = frame["label"].value_counts()
     too_small = {c: int(counts.get(c, 0)) for c in CLASSES if counts.get(c, 0) < folds}
     if too_small:
-        raise SplitError(f"{what}: class(es) too small to split at ratio {ratio:g} (need at least {folds} images each): "
-                         + ", ".join(f"{c}={n}" for c, n in too_small.items())
-                         + f"; counts: {dict((c, int(counts.get(c, 0))) for c in CLASSES)}")
+        raise SplitError(
+            f"{what}: class(es) too small to split at ratio {ratio:g} (need at least {folds} images each): "
+            + ", ".join(f"{c}={n}" for c, n in too_small.items())
+            + f"; counts: {dict((c, int(counts.get(c, 0))) for c in CLASSES)}"
+        )
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     rest_idx, held_idx = next(splitter.split(frame, frame["label"], groups=frame["group"]))
     return frame.iloc[rest_idx], frame.iloc[held_idx]
 
 
-def split_index(index: pd.DataFrame, *, test_ratio: float, val_ratio: float, seed: int,
-                group_near_duplicates: bool = True) -> dict[str, pd.DataFrame]:
+def split_index(
+    index: pd.DataFrame, *, test_ratio: float, val_ratio: float, seed: int, group_near_duplicates: bool = True
+) -> dict[str, pd.DataFrame]:
     """Test first, then validation from what remains, as in the original notebook (20%, then 10%)."""
     frame = index.copy()
     if not group_near_duplicates:  # every image its own group: copies may then leak across splits
@@ -40,8 +43,9 @@ def split_index(index: pd.DataFrame, *, test_ratio: float, val_ratio: float, see
     return {name: part.sort_values("path").reset_index(drop=True) for name, part in zip(SPLITS, (train, val, test))}
 
 
-def leaking_pairs(splits: dict[str, pd.DataFrame], distance: np.ndarray, index: pd.DataFrame,
-                  threshold: float) -> list[tuple[str, str, float]]:
+def leaking_pairs(
+    splits: dict[str, pd.DataFrame], distance: np.ndarray, index: pd.DataFrame, threshold: float
+) -> list[tuple[str, str, float]]:
     """Pairs of (near-)copies, by fingerprint distance, that sit in different splits."""
     where = {path: name for name, part in splits.items() for path in part["path"]}
     paths = index["path"].tolist()
@@ -61,15 +65,19 @@ class LeakageError(SplitError):
     """Copies of one radiograph sit in different splits."""
 
 
-def check_leakage(splits: dict[str, pd.DataFrame], index: pd.DataFrame, fingerprints: np.ndarray,
-                  threshold: float) -> None:
+def check_leakage(
+    splits: dict[str, pd.DataFrame], index: pd.DataFrame, fingerprints: np.ndarray, threshold: float
+) -> None:
     from kneexray.fingerprint import pairwise_distance
 
     pairs = leaking_pairs(splits, pairwise_distance(fingerprints), index, threshold)
     if pairs:
         shown = "; ".join(f"{a} ~ {b} (distance {d:.4f})" for a, b, d in pairs[:5])
-        raise LeakageError(f"leakage: {len(pairs)} pair(s) of (near-)copies straddle splits: {shown}"
-                           + (" ..." if len(pairs) > 5 else "") + "; set split.group_near_duplicates: true")
+        raise LeakageError(
+            f"leakage: {len(pairs)} pair(s) of (near-)copies straddle splits: {shown}"
+            + (" ..." if len(pairs) > 5 else "")
+            + "; set split.group_near_duplicates: true"
+        )
 
 
 def assign_folds(frame: pd.DataFrame, folds: int, seed: int) -> np.ndarray:
@@ -78,8 +86,10 @@ def assign_folds(frame: pd.DataFrame, folds: int, seed: int) -> np.ndarray:
     counts = frame["label"].value_counts()
     too_small = {c: int(n) for c, n in counts.items() if n < folds}
     if too_small:
-        raise SplitError(f"train.folds={folds}: class(es) with fewer images than folds in train+validation: "
-                         + ", ".join(f"{c}={n}" for c, n in too_small.items()))
+        raise SplitError(
+            f"train.folds={folds}: class(es) with fewer images than folds in train+validation: "
+            + ", ".join(f"{c}={n}" for c, n in too_small.items())
+        )
     out = np.empty(len(frame), dtype=np.int64)
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     for fold, (_, held) in enumerate(splitter.split(frame, frame["label"], groups=frame["group"])):

@@ -8,7 +8,7 @@ import os
 import resource
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 # Before TensorFlow is imported anywhere: no C++ info chatter in stage logs.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -31,8 +31,11 @@ def run(main: Callable[[argparse.Namespace, dict], None], parser: argparse.Argum
         params = params_module.load(args.params)
         main(args, params)
         # ru_maxrss is the kernel's high-water mark of this process, in KiB on Linux
-        log.info("done in %.1f s, peak memory %.0f MiB", time.perf_counter() - started,
-                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        log.info(
+            "done in %.1f s, peak memory %.0f MiB",
+            time.perf_counter() - started,
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        )
     except USER_ERRORS as err:
         log.debug("details", exc_info=True)
         print(f"error: {err}", file=sys.stderr)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 import zipfile
@@ -20,8 +19,8 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import tensorflow as tf
 import pandas as pd
+import tensorflow as tf
 from dvclive import Live
 from sklearn.utils.class_weight import compute_class_weight
 
@@ -29,8 +28,15 @@ from kneexray import CLASSES, __version__
 from kneexray.atomic import atomic_path, stable_zip_entry
 from kneexray.inputs import build_augmenter, label_indices, load_images, make_dataset, read_split
 from kneexray.layers import CaffePreprocess, GreyToRGB
-from kneexray.models import (average_models, build_cnn, build_head, build_resnet, recompute_batchnorm, resnet_base,
-                             unfreeze_top)
+from kneexray.models import (
+    average_models,
+    build_cnn,
+    build_head,
+    build_resnet,
+    recompute_batchnorm,
+    resnet_base,
+    unfreeze_top,
+)
 from kneexray.selection import EpochSelector, no_skill, prediction_shares, score, weighted_log_loss
 from kneexray.splitting import assign_folds
 
@@ -151,16 +157,24 @@ def _work_around_keras_multi_worker(model: keras.Model, dataset: tf.data.Dataset
 def _with_rank1_logs(step):
     def wrapped(data):
         return keras.tree.map_structure(lambda v: tf.reshape(v, [1]) if v.shape.rank == 0 else v, step(data))
+
     return wrapped
 
 
 def infer(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """Class probabilities in inference mode, batch by batch (also under a multi-worker strategy,
-    where predict() would try to distribute)."""
+    """Model outputs in inference mode: compiled predict(), or under a multi-worker strategy (whose
+    predict() would try to distribute) eager calls batch by batch. Eager calls of the ResNet50 base
+    took the train_resnet stage to 6 GiB of memory."""
     if len(x) == 0:
-        return np.zeros((0, len(CLASSES)), dtype=np.float32)
-    return np.concatenate([np.asarray(model(tf.cast(x[i:i + batch_size], tf.float32), training=False))
-                           for i in range(0, len(x), batch_size)])
+        return np.zeros((0, *model.output_shape[1:]), dtype=np.float32)
+    if isinstance(model.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return np.concatenate(
+            [
+                np.asarray(model(tf.cast(x[i : i + batch_size], tf.float32), training=False))
+                for i in range(0, len(x), batch_size)
+            ]
+        )
+    return model.predict(np.asarray(x, dtype=np.float32), batch_size=batch_size, verbose=0)
 
 
 @dataclass
@@ -171,23 +185,27 @@ class Folds:
     fit: list[np.ndarray]
 
     @classmethod
-    def make(cls, rows: pd.DataFrame, n_val: int, folds: int, seed: int) -> "Folds":
+    def make(cls, rows: pd.DataFrame, n_val: int, folds: int, seed: int) -> Folds:
         if folds == 1:  # the split's own validation images (the last n_val rows) are the held-out fold
             n = len(rows)
             return cls(held=[np.arange(n - n_val, n)], fit=[np.arange(n - n_val)])
         fold = assign_folds(rows, folds, seed)
-        return cls(held=[np.flatnonzero(fold == f) for f in range(folds)],
-                   fit=[np.flatnonzero(fold != f) for f in range(folds)])
+        return cls(
+            held=[np.flatnonzero(fold == f) for f in range(folds)],
+            fit=[np.flatnonzero(fold != f) for f in range(folds)],
+        )
 
 
 def _lr_schedule(learning_rate: float, steps_per_epoch: int, epochs: int, warmup_epochs: int):
     """Linear warm-up, then cosine decay to zero by the last epoch: large early steps on a few
     hundred images are what made validation accuracy jump 0.93 -> 0.38 -> 0.79 between epochs."""
     warmup = min(warmup_epochs, max(0, epochs - 1)) * steps_per_epoch
-    return keras.optimizers.schedules.CosineDecay(learning_rate * 0.1 if warmup else learning_rate,
-                                                  decay_steps=max(1, epochs * steps_per_epoch - warmup),
-                                                  warmup_target=learning_rate if warmup else None,
-                                                  warmup_steps=warmup)
+    return keras.optimizers.schedules.CosineDecay(
+        learning_rate * 0.1 if warmup else learning_rate,
+        decay_steps=max(1, epochs * steps_per_epoch - warmup),
+        warmup_target=learning_rate if warmup else None,
+        warmup_steps=warmup,
+    )
 
 
 def _log_priors(labels: np.ndarray) -> list[float]:
@@ -217,8 +235,11 @@ class _Backup:
             for mine, saved in zip(model.optimizer.variables, restored.optimizer.variables):
                 mine.assign(saved)
         best = np.load(self.folder / "best.npz")
-        state["best_weights"] = [[best[f"f{f}_{i}"] for i in range(state["weights_per_fold"])]
-                                 for f in range(len(models))] if state["best_epoch"] is not None else None
+        state["best_weights"] = (
+            [[best[f"f{f}_{i}"] for i in range(state["weights_per_fold"])] for f in range(len(models))]
+            if state["best_epoch"] is not None
+            else None
+        )
         state["best_oof"] = best["oof"] if "oof" in best else None
         log.info("resuming from %s: %d epoch(s) already done", self.folder, state["epochs_done"])
         return state
@@ -234,9 +255,17 @@ class _Backup:
             if best_oof is not None:
                 arrays["oof"] = best_oof
             np.savez(tmp / "best.npz", **arrays)
-            (tmp / "state.json").write_text(json.dumps({
-                "epochs_done": epochs_done, "best_epoch": selector.best_epoch, "best_score": selector.best_score,
-                "history": selector.history, "weights_per_fold": len(models[0].get_weights())}))
+            (tmp / "state.json").write_text(
+                json.dumps(
+                    {
+                        "epochs_done": epochs_done,
+                        "best_epoch": selector.best_epoch,
+                        "best_score": selector.best_score,
+                        "history": selector.history,
+                        "weights_per_fold": len(models[0].get_weights()),
+                    }
+                )
+            )
 
     def remove(self) -> None:
         if self.folder is not None:
@@ -245,8 +274,21 @@ class _Backup:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def fit_folds(build, x: np.ndarray, y: np.ndarray, folds: Folds, *, cfg: dict, train_cfg: dict, batch: int,
-              augmenter, strategy, live: Live | None, backup: _Backup, extra_fit: tuple[np.ndarray, np.ndarray] | None = None):
+def fit_folds(
+    build,
+    x: np.ndarray,
+    y: np.ndarray,
+    folds: Folds,
+    *,
+    cfg: dict,
+    train_cfg: dict,
+    batch: int,
+    augmenter,
+    strategy,
+    live: Live | None,
+    backup: _Backup,
+    extra_fit: tuple[np.ndarray, np.ndarray] | None = None,
+):
     """Train one model per fold in lockstep and keep each at the epoch with the best pooled
     out-of-fold score. `build(output_bias)` returns a compiled-ready model; `extra_fit` holds
     training-only copies (e.g. mirrored features) indexed like x. Returns (members, oof, info)."""
@@ -260,22 +302,40 @@ def fit_folds(build, x: np.ndarray, y: np.ndarray, folds: Folds, *, cfg: dict, t
         if extra_fit is not None:
             x_fit, y_fit = np.concatenate([x_fit, extra_fit[0][idx]]), np.concatenate([y_fit, extra_fit[1][idx]])
         steps = len(y_fit) // batch if not ragged_ok else -(-len(y_fit) // batch)
-        datasets.append(shard_by_data(make_dataset(x_fit, y_fit, batch_size=batch, shuffle_seed=train_cfg["seed"] + f,
-                                                   augmenter=augmenter, drop_remainder=not ragged_ok)))
+        datasets.append(
+            shard_by_data(
+                make_dataset(
+                    x_fit,
+                    y_fit,
+                    batch_size=batch,
+                    shuffle_seed=train_cfg["seed"] + f,
+                    augmenter=augmenter,
+                    drop_remainder=not ragged_ok,
+                )
+            )
+        )
         weights.append(class_weights(y_fit, mode))
         with strategy.scope():
             model = build(None if mode == "balanced" else _log_priors(y_fit))
-            model.compile(optimizer=keras.optimizers.Adam(_lr_schedule(cfg["learning_rate"], max(1, steps), epochs,
-                                                                       train_cfg["warmup_epochs"])),
-                          loss=keras.losses.CategoricalCrossentropy(label_smoothing=train_cfg["label_smoothing"]),
-                          metrics=["accuracy"], jit_compile=train_cfg["jit_compile"])
+            model.compile(
+                optimizer=keras.optimizers.Adam(
+                    _lr_schedule(cfg["learning_rate"], max(1, steps), epochs, train_cfg["warmup_epochs"])
+                ),
+                loss=keras.losses.CategoricalCrossentropy(label_smoothing=train_cfg["label_smoothing"]),
+                metrics=["accuracy"],
+                jit_compile=train_cfg["jit_compile"],
+            )
         models.append(model)
     selector = EpochSelector(train_cfg["select_on"], train_cfg["min_epochs"], train_cfg["patience"])
     best_weights, best_oof, start = None, None, 0
     state = backup.load(models)
     if state is not None:
         start, best_weights, best_oof = state["epochs_done"], state["best_weights"], state["best_oof"]
-        selector.best_epoch, selector.best_score, selector.history = state["best_epoch"], state["best_score"], state["history"]
+        selector.best_epoch, selector.best_score, selector.history = (
+            state["best_epoch"],
+            state["best_score"],
+            state["history"],
+        )
     held_all = np.concatenate(folds.held)
     oof = np.zeros((len(y), len(CLASSES)), dtype=np.float32)
     n_fit = sum(len(d) for d in folds.fit) * (2 if extra_fit is not None else 1)
@@ -285,8 +345,9 @@ def fit_folds(build, x: np.ndarray, y: np.ndarray, folds: Folds, *, cfg: dict, t
         for f, model in enumerate(models):
             _work_around_keras_multi_worker(model, datasets[f])
             started = time.perf_counter()
-            history = model.fit(datasets[f], epochs=epoch + 1, initial_epoch=epoch, shuffle=False,
-                                class_weight=weights[f], verbose=0)  # tf.data shuffles
+            history = model.fit(
+                datasets[f], epochs=epoch + 1, initial_epoch=epoch, shuffle=False, class_weight=weights[f], verbose=0
+            )  # tf.data shuffles
             seconds += time.perf_counter() - started
             train_loss.append(history.history["loss"][-1])
             train_acc.append(history.history["accuracy"][-1])
@@ -298,27 +359,48 @@ def fit_folds(build, x: np.ndarray, y: np.ndarray, folds: Folds, *, cfg: dict, t
         if improved:
             best_weights, best_oof = [_snapshot(m) for m in models], oof.copy()
         log.info("epoch %d: %.2f s, %.1f train images/s", epoch + 1, seconds, n_fit / seconds)
-        log.info("epoch %d/%d: train loss %.3f, out-of-fold %s %.3f%s", epoch + 1, epochs, np.mean(train_loss),
-                 train_cfg["select_on"], value, " (best so far)" if improved else "")
+        log.info(
+            "epoch %d/%d: train loss %.3f, out-of-fold %s %.3f%s",
+            epoch + 1,
+            epochs,
+            np.mean(train_loss),
+            train_cfg["select_on"],
+            value,
+            " (best so far)" if improved else "",
+        )
         backup.save(models, epoch + 1, selector, best_weights, best_oof)  # first: a logged epoch is a saved one
         if live is not None:
             _log_epoch(live, np.mean(train_loss), np.mean(train_acc), y_held, p_held)
         if selector.should_stop(epoch):
-            log.info("early stop after epoch %d: no better out-of-fold %s for %d epochs", epoch + 1,
-                     train_cfg["select_on"], train_cfg["patience"])
+            log.info(
+                "early stop after epoch %d: no better out-of-fold %s for %d epochs",
+                epoch + 1,
+                train_cfg["select_on"],
+                train_cfg["patience"],
+            )
             break
     if best_weights is None:  # fewer epochs than min_epochs: keep the last
         selector.best_epoch, best_weights, best_oof = epoch, [_snapshot(m) for m in models], oof.copy()
     for model, w in zip(models, best_weights):
         model.set_weights(w)
-    info = {"epochs_run": epoch + 1, "selected_epoch": selector.best_epoch + 1, "folds": n_folds,
-            "select_on": train_cfg["select_on"], "history": selector.history}
+    assert selector.best_epoch is not None  # set above when no epoch qualified
+    info = {
+        "epochs_run": epoch + 1,
+        "selected_epoch": selector.best_epoch + 1,
+        "folds": n_folds,
+        "select_on": train_cfg["select_on"],
+        "history": selector.history,
+    }
     return models, best_oof, held_all, info
 
 
 def _oof_metrics(y: np.ndarray, proba: np.ndarray) -> dict:
-    return {"accuracy": float((proba.argmax(axis=1) == y).mean()), "macro_f1": score("macro_f1", y, proba),
-            "balanced_accuracy": score("balanced_accuracy", y, proba), "loss": weighted_log_loss(y, proba)}
+    return {
+        "accuracy": float((proba.argmax(axis=1) == y).mean()),
+        "macro_f1": score("macro_f1", y, proba),
+        "balanced_accuracy": score("balanced_accuracy", y, proba),
+        "loss": weighted_log_loss(y, proba),
+    }
 
 
 def _log_epoch(live: Live, train_loss: float, train_acc: float, y: np.ndarray, proba: np.ndarray) -> None:
@@ -336,8 +418,15 @@ def _features(base: keras.Model, x: np.ndarray, batch: int) -> np.ndarray:
     return infer(extractor, x, batch)
 
 
-def train(kind: str, params: dict, *, split_dir: str | Path, data_root: str | Path, live_dir: str | Path,
-          backup_dir: str | Path | None = None) -> TrainResult:
+def train(
+    kind: str,
+    params: dict,
+    *,
+    split_dir: str | Path,
+    data_root: str | Path,
+    live_dir: str | Path,
+    backup_dir: str | Path | None = None,
+) -> TrainResult:
     """Train `kind` ('cnn' or 'resnet') on split_dir/train.csv + val.csv, cross-validated."""
     if kind not in MODEL_KINDS:
         raise ValueError(f"model kind: {kind!r} is not one of {', '.join(MODEL_KINDS)}")
@@ -360,11 +449,20 @@ def train(kind: str, params: dict, *, split_dir: str | Path, data_root: str | Pa
     # image.batch_size is per replica: the global batch grows with the replicas (across all workers),
     # and the learning rate is left as configured (not scaled with the global batch).
     batch = params["image"]["batch_size"] * strategy.num_replicas_in_sync
-    log.info("%s: %d train+validation images in %d fold(s) (held out %s), global batch %d", kind, len(y),
-             len(folds.held), [len(h) for h in folds.held], batch)
+    log.info(
+        "%s: %d train+validation images in %d fold(s) (held out %s), global batch %d",
+        kind,
+        len(y),
+        len(folds.held),
+        [len(h) for h in folds.held],
+        batch,
+    )
 
-    live = Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None,
-                resume=bool(train_cfg["resume"])) if chief else None
+    live = (
+        Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None, resume=bool(train_cfg["resume"]))
+        if chief
+        else None
+    )
     backup = _Backup(backup_dir if train_cfg["resume"] else None)
     if backup.folder is not None and not chief:  # each worker backs up its own state
         backup.folder = Path(f"{backup_dir}.{strategy.cluster_resolver.task_type}{strategy.cluster_resolver.task_id}")
@@ -373,29 +471,57 @@ def train(kind: str, params: dict, *, split_dir: str | Path, data_root: str | Pa
             weights_source = "none (trained from scratch)"
 
             def build(bias):
-                return build_cnn(size, filters=cfg["filters"], dense_units=cfg["dense_units"], dropout=cfg["dropout"],
-                                 output_bias=bias)
+                return build_cnn(
+                    size,
+                    filters=cfg["filters"],
+                    dense_units=cfg["dense_units"],
+                    dropout=cfg["dropout"],
+                    output_bias=bias,
+                )
 
-            members, oof, held, info = fit_folds(build, x, y, folds, cfg=cfg, train_cfg=train_cfg, batch=batch,
-                                                 augmenter=build_augmenter(params["augment"], train_cfg["seed"]),
-                                                 strategy=strategy, live=live, backup=backup)
+            members, oof, held, info = fit_folds(
+                build,
+                x,
+                y,
+                folds,
+                cfg=cfg,
+                train_cfg=train_cfg,
+                batch=batch,
+                augmenter=build_augmenter(params["augment"], train_cfg["seed"]),
+                strategy=strategy,
+                live=live,
+                backup=backup,
+            )
             with strategy.scope():
                 model = average_models(members, "cnn")
         else:
             with strategy.scope():
-                base, weights_source = resnet_base(size, weights=cfg["weights"], weights_path=cfg["weights_path"],
-                                                   required=cfg["weights_required"])
+                base, weights_source = resnet_base(
+                    size, weights=cfg["weights"], weights_path=cfg["weights_path"], required=cfg["weights_required"]
+                )
             features = _features(base, x, batch)
             # Mirrored copies are the one augmentation that survives caching features.
             mirrored = (_features(base, x[:, :, ::-1], batch), y) if params["augment"]["horizontal_flip"] else None
 
             def build(bias):
-                return build_head(features.shape[1], dense_units=cfg["dense_units"], dropout=cfg["dropout"],
-                                  output_bias=bias)
+                return build_head(
+                    features.shape[1], dense_units=cfg["dense_units"], dropout=cfg["dropout"], output_bias=bias
+                )
 
-            heads, oof, held, info = fit_folds(build, features, y, folds, cfg=cfg, train_cfg=train_cfg, batch=batch,
-                                               augmenter=None, strategy=strategy, live=live, backup=backup,
-                                               extra_fit=mirrored)
+            heads, oof, held, info = fit_folds(
+                build,
+                features,
+                y,
+                folds,
+                cfg=cfg,
+                train_cfg=train_cfg,
+                batch=batch,
+                augmenter=None,
+                strategy=strategy,
+                live=live,
+                backup=backup,
+                extra_fit=mirrored,
+            )
             with strategy.scope():
                 model = build_resnet(size, base=base, head=average_models(heads, "heads", input_name="features"))
             if cfg["fine_tune_layers"] > 0 and cfg["fine_tune_epochs"] > 0:
@@ -409,8 +535,13 @@ def train(kind: str, params: dict, *, split_dir: str | Path, data_root: str | Pa
     shares = prediction_shares(infer(model, x, batch))
     collapsed = no_skill(shares, train_cfg["no_skill_share"])
     if collapsed:
-        log.error("NO SKILL: the %s model gives %.0f%% of its own training images the class %r; its test "
-                  "metrics will be no better than chance", kind, 100 * shares[collapsed], collapsed)
+        log.error(
+            "NO SKILL: the %s model gives %.0f%% of its own training images the class %r; its test "
+            "metrics will be no better than chance",
+            kind,
+            100 * shares[collapsed],
+            collapsed,
+        )
     if live is not None:  # the summary describes the saved model: the selected epoch, not the last one
         _write_summary(live, info, oof_metrics, collapsed)
     metadata = {
@@ -429,14 +560,54 @@ def train(kind: str, params: dict, *, split_dir: str | Path, data_root: str | Pa
         "no_skill": collapsed is not None,
         "train_images": int(len(y)),
         "kneexray_version": __version__,
+        **model_card(kind, params, data_root),
     }
     return TrainResult(model=model, metadata=metadata, epochs_run=info["epochs_run"])
 
 
+INTENDED_USE = (
+    "Research and teaching: a demonstration of a reproducible pipeline. Not a medical device; "
+    "not validated for diagnosis. Its out-of-fold figures describe the data it was trained on only."
+)
+
+
+def model_card(kind: str, params: dict, data_root: str | Path) -> dict:
+    """What a reader of the model file needs to judge it: which data (source and the hash of the
+    extract stage's index, which lists every image's sha256), which code, which settings."""
+    import hashlib
+    import subprocess
+
+    from kneexray.layout import INDEX_FILE
+
+    index = Path(data_root) / INDEX_FILE
+    # the project the stage runs in (DVC runs stages from its root)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    augment = params["augment"] if kind == "cnn" else {"horizontal_flip": params["augment"]["horizontal_flip"]}
+    return {
+        "data": {
+            "source": params["dataset"]["source"],
+            "index_sha256": hashlib.sha256(index.read_bytes()).hexdigest() if index.is_file() else None,
+        },
+        "code_commit": commit.stdout.strip() if commit.returncode == 0 else None,
+        "params": {
+            kind: params[kind],
+            "augment": augment,
+            "image": params["image"],
+            "train": {k: v for k, v in params["train"].items() if k not in ("threads", "resume")},
+        },
+        "intended_use": INTENDED_USE,
+    }
+
+
 def _write_summary(live: Live, info: dict, oof_metrics: dict, collapsed: str | None) -> None:
-    live.summary = {"step": info["selected_epoch"] - 1, "selected_epoch": info["selected_epoch"],
-                    "epochs_run": info["epochs_run"], "folds": info["folds"], "no_skill": int(collapsed is not None),
-                    "out_of_fold": oof_metrics}
+    live.summary = {
+        "step": info["selected_epoch"] - 1,
+        "selected_epoch": info["selected_epoch"],
+        "epochs_run": info["epochs_run"],
+        "folds": info["folds"],
+        "no_skill": int(collapsed is not None),
+        "out_of_fold": oof_metrics,
+    }
     live.step = info["selected_epoch"] - 1  # make_summary writes the step too
     live.make_summary()
 
@@ -447,18 +618,29 @@ def _fine_tune(model: keras.Model, x, y, folds: Folds, cfg: dict, train_cfg: dic
     fit_idx, held_idx = folds.fit[0], folds.held[0]
     with strategy.scope():
         unfrozen = unfreeze_top(model, cfg["fine_tune_layers"])
-        model.compile(optimizer=keras.optimizers.Adam(cfg["fine_tune_learning_rate"]),
-                      loss=keras.losses.CategoricalCrossentropy(label_smoothing=train_cfg["label_smoothing"]),
-                      metrics=["accuracy"], jit_compile=train_cfg["jit_compile"])
+        model.compile(
+            optimizer=keras.optimizers.Adam(cfg["fine_tune_learning_rate"]),
+            loss=keras.losses.CategoricalCrossentropy(label_smoothing=train_cfg["label_smoothing"]),
+            metrics=["accuracy"],
+            jit_compile=train_cfg["jit_compile"],
+        )
     log.info("fine-tuning the top %d layers of the base for %d epochs", unfrozen, cfg["fine_tune_epochs"])
     ragged_ok = strategy.num_replicas_in_sync == 1
-    train_ds = make_dataset(x[fit_idx], y[fit_idx], batch_size=batch, shuffle_seed=train_cfg["seed"],
-                            drop_remainder=not ragged_ok)
+    train_ds = make_dataset(
+        x[fit_idx], y[fit_idx], batch_size=batch, shuffle_seed=train_cfg["seed"], drop_remainder=not ragged_ok
+    )
     val_ds = make_dataset(x[held_idx], y[held_idx], batch_size=batch, drop_remainder=not ragged_ok)
     _work_around_keras_multi_worker(model, train_ds)
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=train_cfg["patience"], restore_best_weights=True)
-    history = model.fit(train_ds, validation_data=val_ds, epochs=cfg["fine_tune_epochs"], shuffle=False,
-                        class_weight=class_weights(y[fit_idx], train_cfg["class_weights"]), callbacks=[stop], verbose=0)
+    history = model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=cfg["fine_tune_epochs"],
+        shuffle=False,
+        class_weight=class_weights(y[fit_idx], train_cfg["class_weights"]),
+        callbacks=[stop],
+        verbose=0,
+    )
     return len(history.epoch)
 
 
@@ -484,8 +666,10 @@ def _renumber_shared_objects(config):
 
     def walk(node):
         if isinstance(node, dict):
-            return {key: numbers.setdefault(value, len(numbers)) if key == "shared_object_id" else walk(value)
-                    for key, value in node.items()}
+            return {
+                key: numbers.setdefault(value, len(numbers)) if key == "shared_object_id" else walk(value)
+                for key, value in node.items()
+            }
         if isinstance(node, list):
             return [walk(value) for value in node]
         return node
@@ -518,8 +702,9 @@ def read_metadata(path: str | Path) -> dict:
         with zipfile.ZipFile(path) as archive:
             return json.loads(archive.read(META_ENTRY))
     except KeyError:
-        raise ValueError(f"{path}: a Keras model without kneexray metadata (classes, image size); "
-                         "train it with this pipeline") from None
+        raise ValueError(
+            f"{path}: a Keras model without kneexray metadata (classes, image size); train it with this pipeline"
+        ) from None
     except zipfile.BadZipFile:
         raise ValueError(f"{path}: not a .keras model file") from None
 

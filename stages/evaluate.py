@@ -9,8 +9,9 @@ def main(args: argparse.Namespace, params: dict) -> None:
     from kneexray.evaluation import evaluate_models
 
     models = dict(item.split("=", 1) for item in args.model)
-    evaluate_models(models, test_csv=args.test, data_root=args.data, out_dir=args.out, metrics_path=args.metrics,
-                    params=params)
+    evaluate_models(
+        models, test_csv=args.test, data_root=args.data, out_dir=args.out, metrics_path=args.metrics, params=params
+    )
 
 
 if __name__ == "__main__":

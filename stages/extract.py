@@ -8,9 +8,14 @@ from kneexray.extraction import extract_dataset
 
 def main(args: argparse.Namespace, params: dict) -> None:
     audit = extract_dataset(args.archive, args.out, args.audit, args.audit_details, params["extract"], args.audit_pairs)
-    stage.log.info("kept %d images %s; %d unreadable, %d exact copies removed, %d label conflicts",
-                   audit["images_kept"], audit["images_per_class"], audit["unreadable"],
-                   audit["exact_copy_files_removed"], audit["label_conflicts"])
+    stage.log.info(
+        "kept %d images %s; %d unreadable, %d exact copies removed, %d label conflicts",
+        audit["images_kept"],
+        audit["images_per_class"],
+        audit["unreadable"],
+        audit["exact_copy_files_removed"],
+        audit["label_conflicts"],
+    )
 
 
 if __name__ == "__main__":

@@ -8,11 +8,22 @@ from kneexray import stage
 def main(args: argparse.Namespace, params: dict) -> None:
     from kneexray.training import is_chief, save_model, train  # TensorFlow loads after params are validated
 
-    result = train(args.model, params, split_dir=args.split, data_root=args.data, live_dir=args.live,
-                   backup_dir=f".kneexray_backup/{args.model}")
+    result = train(
+        args.model,
+        params,
+        split_dir=args.split,
+        data_root=args.data,
+        live_dir=args.live,
+        backup_dir=f".kneexray_backup/{args.model}",
+    )
     save_model(result.model, result.metadata, args.out)
-    stage.log.info("%s: %d epochs, weights %s%s", args.model, result.epochs_run, result.metadata["weights_source"],
-                   f", saved {args.out}" if is_chief(result.model.distribute_strategy) else " (not the chief: nothing saved)")
+    stage.log.info(
+        "%s: %d epochs, weights %s%s",
+        args.model,
+        result.epochs_run,
+        result.metadata["weights_source"],
+        f", saved {args.out}" if is_chief(result.model.distribute_strategy) else " (not the chief: nothing saved)",
+    )
 
 
 if __name__ == "__main__":

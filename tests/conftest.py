@@ -32,8 +32,9 @@ def tiny_params() -> dict:
     """The committed params.yaml shrunk so a whole pipeline runs in seconds."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params = copy.deepcopy(params)
-    params["phantom"].update(n_images=48, size=64, difficulty=0.0,
-                             class_fractions={"normal": 0.34, "osteopenia": 0.33, "osteoporosis": 0.33})
+    params["phantom"].update(
+        n_images=48, size=64, difficulty=0.0, class_fractions={"normal": 0.34, "osteopenia": 0.33, "osteoporosis": 0.33}
+    )
     params["extract"].update(min_side=32)
     params["split"].update(test_ratio=0.25, val_ratio=0.25)
     params["image"].update(batch_size=8)
@@ -60,7 +61,9 @@ def run(cmd: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
     """Run a command, failing the test with its output if it fails."""
     result = subprocess.run(cmd, cwd=cwd, env=tool_env(), capture_output=True, text=True, **kwargs)
     if result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
     return result
 
 

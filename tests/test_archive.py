@@ -17,8 +17,7 @@ from kneexray.archive import ArchiveError, ExtractLimits, extract_nested, find_c
 CLASSES = ("normal", "osteopenia", "osteoporosis")
 
 
-def zip_bytes(entries: dict[str, bytes] | list[tuple[str, bytes]],
-              compression: int = zipfile.ZIP_DEFLATED) -> bytes:
+def zip_bytes(entries: dict[str, bytes] | list[tuple[str, bytes]], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
     buf = io.BytesIO()
     items = entries.items() if isinstance(entries, dict) else entries
     with warnings.catch_warnings():
@@ -42,7 +41,8 @@ def snapshot(root: Path) -> set[str]:
 def hostile(tmp_path: Path):
     """Run extract_nested on a zip in tmp_path/src and check nothing was written anywhere."""
 
-    def run(entries_or_bytes, limits: ExtractLimits = ExtractLimits(), match: str | None = None) -> str:
+    def run(entries_or_bytes, limits: ExtractLimits | None = None, match: str | None = None) -> str:
+        limits = limits or ExtractLimits()
         src = tmp_path / "src"
         src.mkdir(exist_ok=True)
         zpath = src / "hostile.zip"
@@ -63,20 +63,25 @@ def hostile(tmp_path: Path):
 
 
 def knee_inner_zip() -> bytes:
-    return zip_bytes({
-        "Knee-X-ray/Normal/n1.jpg": b"n1",
-        "Knee-X-ray/OSTEOPENIA/p1.jpg": b"p1",
-        "Knee-X-ray/osteo porosis/o1.jpg": b"o1",
-        "Knee-X-ray/osteo porosis/o2.jpg": b"o2",
-    })
+    return zip_bytes(
+        {
+            "Knee-X-ray/Normal/n1.jpg": b"n1",
+            "Knee-X-ray/OSTEOPENIA/p1.jpg": b"p1",
+            "Knee-X-ray/osteo porosis/o1.jpg": b"o1",
+            "Knee-X-ray/osteo porosis/o2.jpg": b"o2",
+        }
+    )
 
 
 def test_nested_zip_extracted_and_classes_found(tmp_path: Path) -> None:
-    outer = write_zip(tmp_path / "outer.zip", {
-        "readme.txt": b"hello",
-        "dataset/Knee.ZIP": knee_inner_zip(),
-        "__MACOSX/dataset/._Knee.ZIP": b"resource fork, not a zip",
-    })
+    outer = write_zip(
+        tmp_path / "outer.zip",
+        {
+            "readme.txt": b"hello",
+            "dataset/Knee.ZIP": knee_inner_zip(),
+            "__MACOSX/dataset/._Knee.ZIP": b"resource fork, not a zip",
+        },
+    )
     dest = tmp_path / "out"
     files = extract_nested(outer, dest)
     rel = sorted(p.relative_to(dest).as_posix() for p in files)
@@ -94,8 +99,11 @@ def test_nested_zip_extracted_and_classes_found(tmp_path: Path) -> None:
 
     found = find_class_dirs(dest, CLASSES)
     base = dest / "dataset/Knee/Knee-X-ray"
-    assert found == {"normal": base / "Normal", "osteopenia": base / "OSTEOPENIA",
-                     "osteoporosis": base / "osteo porosis"}
+    assert found == {
+        "normal": base / "Normal",
+        "osteopenia": base / "OSTEOPENIA",
+        "osteoporosis": base / "osteo porosis",
+    }
     assert list(found) == list(CLASSES)
 
 
@@ -130,24 +138,26 @@ def test_validates_whole_zip_before_writing(tmp_path: Path, monkeypatch) -> None
     assert writes == []
 
 
-@pytest.mark.parametrize(("name", "match"), [
-    ("../evil.txt", r"'\.\.'"),
-    ("a/../../evil.txt", r"'\.\.'"),
-    ("a\\..\\..\\evil.txt", r"'\.\.'"),
-    ("/etc/evil.txt", "absolute"),
-    ("C:\\evil.txt", "absolute"),
-    ("c:evil.txt", "absolute"),
-    ("\\evil.txt", "absolute"),
-    ("//server/share/evil.txt", "absolute"),
-])
+@pytest.mark.parametrize(
+    ("name", "match"),
+    [
+        ("../evil.txt", r"'\.\.'"),
+        ("a/../../evil.txt", r"'\.\.'"),
+        ("a\\..\\..\\evil.txt", r"'\.\.'"),
+        ("/etc/evil.txt", "absolute"),
+        ("C:\\evil.txt", "absolute"),
+        ("c:evil.txt", "absolute"),
+        ("\\evil.txt", "absolute"),
+        ("//server/share/evil.txt", "absolute"),
+    ],
+)
 def test_path_traversal_rejected(hostile, name: str, match: str) -> None:
     message = hostile({"fine.txt": b"ok", name: b"pwned"}, match=match)
     assert repr(name) in message  # names the entry
 
 
 def test_traversal_inside_nested_zip_rejected(hostile) -> None:
-    message = hostile({"ok/a.txt": b"ok", "ok/inner.zip": zip_bytes({"../../evil.txt": b"x"})},
-                      match=r"'\.\.'")
+    message = hostile({"ok/a.txt": b"ok", "ok/inner.zip": zip_bytes({"../../evil.txt": b"x"})}, match=r"'\.\.'")
     assert "inner.zip" in message
 
 
@@ -183,15 +193,21 @@ def test_small_compressible_files_are_fine(tmp_path: Path) -> None:
 
 
 def test_declared_size_over_budget_rejected(hostile) -> None:
-    hostile({"a.bin": os.urandom(600_000), "b.bin": os.urandom(600_000)},
-            limits=ExtractLimits(max_total_bytes=1_000_000), match="max_total_bytes")
+    hostile(
+        {"a.bin": os.urandom(600_000), "b.bin": os.urandom(600_000)},
+        limits=ExtractLimits(max_total_bytes=1_000_000),
+        match="max_total_bytes",
+    )
 
 
 def test_budget_counts_all_levels(hostile) -> None:
     inner = zip_bytes({"x.bin": os.urandom(400_000)}, compression=zipfile.ZIP_STORED)
     # each level fits alone; outer files + inner zip + its content do not
-    hostile({"a.bin": os.urandom(300_000), "inner.zip": inner},
-            limits=ExtractLimits(max_total_bytes=1_000_000), match="max_total_bytes")
+    hostile(
+        {"a.bin": os.urandom(300_000), "inner.zip": inner},
+        limits=ExtractLimits(max_total_bytes=1_000_000),
+        match="max_total_bytes",
+    )
 
 
 def test_lying_header_is_caught(hostile, tmp_path: Path) -> None:
@@ -230,15 +246,13 @@ def test_depth_limit(tmp_path: Path, hostile) -> None:
     ok = tmp_path / "ok.zip"
     ok.write_bytes(chain(3))
     files = extract_nested(ok, tmp_path / "ok_out", ExtractLimits(max_depth=3))
-    assert [p.relative_to(tmp_path / "ok_out").as_posix() for p in files] == [
-        "level1/level0/Normal/deep.jpg"]
+    assert [p.relative_to(tmp_path / "ok_out").as_posix() for p in files] == ["level1/level0/Normal/deep.jpg"]
     hostile(chain(4), limits=ExtractLimits(max_depth=3), match="max_depth=3")
     hostile(chain(6), match="max_depth=4")
 
 
 def test_entry_count_limit(hostile) -> None:
-    hostile({f"f{i}.txt": b"x" for i in range(10)}, limits=ExtractLimits(max_entries=5),
-            match="max_entries=5")
+    hostile({f"f{i}.txt": b"x" for i in range(10)}, limits=ExtractLimits(max_entries=5), match="max_entries=5")
 
 
 def test_encrypted_entry_rejected(hostile) -> None:
@@ -269,20 +283,22 @@ def test_corrupt_nested_zip_named(hostile) -> None:
     assert "inner.zip" in message
 
 
-@pytest.mark.parametrize("entries", [
-    [("a/X.jpg", b"1"), ("a/x.jpg", b"2")],
-    [("a/b.txt", b"1"), ("a/b.txt", b"2")],
-    [("a", b"file"), ("a/b.txt", b"child")],
-    [("data", b"file"), ("data.zip", zip_bytes({"x.txt": b"x"}))],
-    [("caf\u00e9.txt", b"1"), ("cafe\u0301.txt", b"2")],  # NFC vs NFD spelling
-])
+@pytest.mark.parametrize(
+    "entries",
+    [
+        [("a/X.jpg", b"1"), ("a/x.jpg", b"2")],
+        [("a/b.txt", b"1"), ("a/b.txt", b"2")],
+        [("a", b"file"), ("a/b.txt", b"child")],
+        [("data", b"file"), ("data.zip", zip_bytes({"x.txt": b"x"}))],
+        [("caf\u00e9.txt", b"1"), ("cafe\u0301.txt", b"2")],  # NFC vs NFD spelling
+    ],
+)
 def test_colliding_entries_rejected(hostile, entries) -> None:
     hostile(entries, match="collides|also a file")
 
 
 def test_collision_across_levels_rejected(hostile) -> None:
-    hostile({"d/Inner/Scan.jpg": b"1", "d/inner.zip": zip_bytes({"scan.jpg": b"2"})},
-            match="collides")
+    hostile({"d/Inner/Scan.jpg": b"1", "d/inner.zip": zip_bytes({"scan.jpg": b"2"})}, match="collides")
 
 
 def test_folder_case_variants_merge(tmp_path: Path) -> None:
@@ -330,13 +346,24 @@ def make_dirs(root: Path, *rels: str) -> None:
 
 
 def test_find_class_dirs_variants_and_ignored_copies(tmp_path: Path) -> None:
-    make_dirs(tmp_path, "x/data/normal_", "x/data/Osteo-Penia", "x/data/OSTEO_POROSIS",
-              "__MACOSX/x/data/normal", "__MACOSX/x/data/osteopenia", "__MACOSX/x/data/osteoporosis",
-              ".cache/normal", ".cache/osteopenia", ".cache/osteoporosis")
+    make_dirs(
+        tmp_path,
+        "x/data/normal_",
+        "x/data/Osteo-Penia",
+        "x/data/OSTEO_POROSIS",
+        "__MACOSX/x/data/normal",
+        "__MACOSX/x/data/osteopenia",
+        "__MACOSX/x/data/osteoporosis",
+        ".cache/normal",
+        ".cache/osteopenia",
+        ".cache/osteoporosis",
+    )
     found = find_class_dirs(tmp_path, CLASSES)
-    assert found == {"normal": tmp_path / "x/data/normal_",
-                     "osteopenia": tmp_path / "x/data/Osteo-Penia",
-                     "osteoporosis": tmp_path / "x/data/OSTEO_POROSIS"}
+    assert found == {
+        "normal": tmp_path / "x/data/normal_",
+        "osteopenia": tmp_path / "x/data/Osteo-Penia",
+        "osteoporosis": tmp_path / "x/data/OSTEO_POROSIS",
+    }
 
 
 def test_find_class_dirs_at_root(tmp_path: Path) -> None:

@@ -21,8 +21,9 @@ def left_intact(folder: Path) -> bool:
     return folder.is_dir() and (folder / "chapter1.tex").read_text() == "years of work"
 
 
-@pytest.mark.parametrize("writer", [lambda p: write_bytes(p, b"x"), lambda p: write_text(p, "x"),
-                                    lambda p: write_json(p, [1])])
+@pytest.mark.parametrize(
+    "writer", [lambda p: write_bytes(p, b"x"), lambda p: write_text(p, "x"), lambda p: write_json(p, [1])]
+)
 def test_file_write_onto_a_folder_is_refused(tmp_path: Path, writer) -> None:
     folder = folder_with_thesis(tmp_path)
     with pytest.raises(OutputIsDirectoryError, match=r"thesis is a directory; give a file name") as err:

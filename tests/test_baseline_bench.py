@@ -93,7 +93,11 @@ def test_bootstrap_helpers():
     ci = baseline.bootstrap_recall_ci(y, perfect, 2, resamples=50, seed=0)
     assert ci == {"low": 1.0, "high": 1.0}
     wrong = np.eye(3)[np.array([0, 1, 1, 1, 1, 1])]  # osteoporosis never found
-    assert baseline.paired_delta_ci(y, perfect, perfect, resamples=50, seed=0) == {"delta": 0.0, "low": 0.0, "high": 0.0}
+    assert baseline.paired_delta_ci(y, perfect, perfect, resamples=50, seed=0) == {
+        "delta": 0.0,
+        "low": 0.0,
+        "high": 0.0,
+    }
     delta = baseline.paired_delta_ci(y, perfect, wrong, resamples=100, seed=0)
     assert delta["delta"] > 0 and delta["low"] <= delta["delta"] <= delta["high"]
     metrics = baseline.our_metrics(y, wrong, resamples=20, seed=0)
@@ -105,9 +109,14 @@ def test_bootstrap_helpers():
 def test_original_files_map_our_split_back_and_check_the_bytes(tmp_path):
     data = tmp_path / "data"
     items = _images(data, {"normal": ["N1.JPEG"], "osteoporosis": ["OS3.jpg"]})
-    index = pd.DataFrame({"path": ["images/normal/N1.JPEG", "images/osteoporosis/OS3.jpg"], "label": ["normal", "osteoporosis"],
-                          "source": ["normal/N1.JPEG", "osteoporosis/OS3.jpg"],
-                          "sha256": [hashlib.sha256(p.read_bytes()).hexdigest() for p, _ in items]})
+    index = pd.DataFrame(
+        {
+            "path": ["images/normal/N1.JPEG", "images/osteoporosis/OS3.jpg"],
+            "label": ["normal", "osteoporosis"],
+            "source": ["normal/N1.JPEG", "osteoporosis/OS3.jpg"],
+            "sha256": [hashlib.sha256(p.read_bytes()).hexdigest() for p, _ in items],
+        }
+    )
     rows = index[["path", "label"]].iloc[::-1]
     assert compare.original_files(rows, index, data) == items[::-1]
     items[0][0].write_bytes(b"another image")
@@ -116,26 +125,49 @@ def test_original_files_map_our_split_back_and_check_the_bytes(tmp_path):
 
 
 def _side(f1, wall, mem, weights="random"):
-    metrics = {"accuracy": f1, "macro_f1": f1, "osteoporosis_recall": 0.5, "weighted_f1": f1,
-               "ci95": {"accuracy": {"low": 0.1, "high": 0.9}, "macro_f1": {"low": 0.1, "high": 0.9},
-                        "osteoporosis_recall": {"low": None, "high": None}}}
-    models = {m: {"metrics": metrics, "epochs_run": 3, "max_epochs": 20, "train_s": 10.0,
-                  "weights_source": weights if m == "resnet" else "none (trained from scratch)"} for m in compare.MODELS}
-    return {"run": {"wall_s": wall, "cpu_s": wall * 2, "peak_tree_mib": mem, "largest_process_mib": mem - 100},
-            "models": models}
+    metrics = {
+        "accuracy": f1,
+        "macro_f1": f1,
+        "osteoporosis_recall": 0.5,
+        "weighted_f1": f1,
+        "ci95": {
+            "accuracy": {"low": 0.1, "high": 0.9},
+            "macro_f1": {"low": 0.1, "high": 0.9},
+            "osteoporosis_recall": {"low": None, "high": None},
+        },
+    }
+    models = {
+        m: {
+            "metrics": metrics,
+            "epochs_run": 3,
+            "max_epochs": 20,
+            "train_s": 10.0,
+            "weights_source": weights if m == "resnet" else "none (trained from scratch)",
+        }
+        for m in compare.MODELS
+    }
+    return {
+        "run": {"wall_s": wall, "cpu_s": wall * 2, "peak_tree_mib": mem, "largest_process_mib": mem - 100},
+        "models": models,
+    }
 
 
 def test_comparison_ratios_and_table():
     y = np.array([0, 1, 2, 2])
     good, bad = np.eye(3)[y], np.eye(3)[np.array([1, 1, 1, 1])]
     ours, base = _side(0.8, 100.0, 900.0), _side(0.5, 600.0, 1000.0, weights="imagenet")
-    comp = compare.compare(ours, base, y, {"cnn": good, "resnet": bad}, {"cnn": bad, "resnet": good},
-                           resamples=50, seed=0)
+    comp = compare.compare(
+        ours, base, y, {"cnn": good, "resnet": bad}, {"cnn": bad, "resnet": good}, resamples=50, seed=0
+    )
     assert comp["wall_ratio"] == round(100 / 600, 3) and comp["memory_ratio"] == 0.9
     assert comp["met"] == {"wall": True, "memory": True, "macro_f1_cnn": True, "macro_f1_resnet": False}
-    summary = {"ours": {**ours, "working_tree_differs": ["kneexray/training.py"]}, "baseline": base, "comparison": comp,
-               "test_set": {"n_test": 4, "per_class": {"normal": 1, "osteopenia": 1, "osteoporosis": 2}},
-               "settings": {"limit": None, "epochs_override": None}}
+    summary = {
+        "ours": {**ours, "working_tree_differs": ["kneexray/training.py"]},
+        "baseline": base,
+        "comparison": comp,
+        "test_set": {"n_test": 4, "per_class": {"normal": 1, "osteopenia": 1, "osteoporosis": 2}},
+        "settings": {"limit": None, "epochs_override": None},
+    }
     table = compare.format_table(summary)
     assert "| | CNN ours | CNN baseline | ResNet50 ours | ResNet50 baseline |" in table
     assert "| macro-F1 [95% CI] | 0.800 [0.10, 0.90] | 0.500 [0.10, 0.90] |" in table
@@ -150,8 +182,12 @@ def test_comparison_ratios_and_table():
 def test_measure_wrapper_reports_the_childs_own_peak_memory(tmp_path):
     out = tmp_path / "m.json"
     child = "x = bytearray(300 * 2**20); import time; time.sleep(0.5)"
-    result = subprocess.run([sys.executable, str(BENCH / "compare_baseline.py"), "_measure", str(out), "--",
-                             sys.executable, "-c", child], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "compare_baseline.py"), "_measure", str(out), "--", sys.executable, "-c", child],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     figures = json.loads(out.read_text())
     assert figures["returncode"] == 0 and figures["wall_s"] >= 0.5

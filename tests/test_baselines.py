@@ -40,8 +40,16 @@ def test_ost_rule_and_the_clinical_regression(tmp_path):
     proba = baselines.clinical_logistic(train[:90], y[:90], train[90:])
     assert (proba.argmax(axis=1) == y[90:]).mean() > 0.7
     # the patient table gives age, sex and weight, never the T-score (it is the label)
-    pd.DataFrame({"Patient Id": ["N1"], "Age": [50], "Gender": ["F"], "Weight": [60], "T-score Value": [-0.5],
-                  "Diagnosis": ["normal"]}).to_csv(tmp_path / "patients.csv", index=False)
+    pd.DataFrame(
+        {
+            "Patient Id": ["N1"],
+            "Age": [50],
+            "Gender": ["F"],
+            "Weight": [60],
+            "T-score Value": [-0.5],
+            "Diagnosis": ["normal"],
+        }
+    ).to_csv(tmp_path / "patients.csv", index=False)
     clinical = clinical_table(tmp_path)
     assert list(clinical.columns) == ["patient_id", "age", "sex", "weight"] and clinical["age"].iloc[0] == 50
 

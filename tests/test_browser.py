@@ -1,74 +1,40 @@
 """The plots pages render with no network: DVC's (through our template) and reports/report.html.
 
-The template is checked on its own first; then `dvc plots show` and `dvc plots diff` run on the
-committed reports in a scratch DVC repo with the real plot definitions, and headless Chromium,
-with every request sent to a dead proxy, opens those pages and the HTML report: every vega view
-must have drawn, every image decoded, and no request may have left the machine. Screenshots go to
+The template on its own is checked in tests/test_offline_plots.py. Here `dvc plots show` and
+`dvc plots diff` run on the committed reports in a scratch DVC repo with the real plot definitions
+and the template installed as `make setup` installs it (from vl-convert: no npm), and headless
+Chromium, with every request sent to a dead proxy, opens those pages and the HTML report: every vega
+view must have drawn, every image decoded, and no request may have left the machine. Screenshots go to
 $KNEEXRAY_TEST_ARTIFACTS (or pytest's temporary folder); their paths are printed.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
-from dvc_render.html import render_html
-
 from conftest import ROOT, run
+
 from kneexray import offline_plots
 from kneexray.browser import IMAGES_DECODED, Browser, BrowserError, find_chromium
 from kneexray.html_report import write_report
 
-NODE_MODULES = ROOT / "node_modules"
 PLOT_DEFINITIONS = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
 VEGA_PLOTS = sum(isinstance(p, dict) for p in PLOT_DEFINITIONS)
 IMAGE_PLOTS = len(list((ROOT / "reports/figures").glob("*.png"))) + 1  # + data_audit_pairs.png
 
-needs_browser = pytest.mark.skipif(find_chromium() is None,
-                                   reason="no Chromium installed (apt-get install chromium); .ci/run installs it")
-
-
-def fake_library(node_modules: Path, name: str, source: str) -> None:
-    package = node_modules / name
-    (package / "build").mkdir(parents=True)
-    (package / "package.json").write_text(json.dumps({"name": name, "version": "1.2.3"}))
-    (package / "build" / f"{name}.min.js").write_text(source)
-
-
-def test_template_inlines_the_three_libraries(tmp_path):
-    for name in offline_plots.LIBRARIES:
-        fake_library(tmp_path, name, f'window["{name}"] = "</script>";')
-    template = offline_plots.template_html(tmp_path)
-    positions = [template.index(f"/* {name}@1.2.3 */") for name in offline_plots.LIBRARIES]
-    assert positions == sorted(positions)  # vega, then vega-lite, then vega-embed
-    assert template.count('"<\\/script>"') == 3 and '"</script>"' not in template
-    assert "{scripts}" not in template and "src=" not in template and "https://" not in template
-    # DVC fills it: the plots go in, the placeholders are gone
-    (tmp_path / "template.html").write_text(template)
-    page = Path(render_html([], tmp_path / "out" / "index.html", tmp_path / "template.html")).read_text()
-    assert "{plot_divs}" not in page and "{refresh_tag}" not in page and page.count("<script>") == 3
-
-
-@pytest.mark.parametrize("source, error", [("x = '{plot_divs}';", ValueError), ("x = '<!--';", ValueError),
-                                           (None, FileNotFoundError)])
-def test_template_refuses_what_it_cannot_inline(tmp_path, source, error):
-    for name in offline_plots.LIBRARIES:
-        if source is not None or name != "vega-lite":
-            fake_library(tmp_path, name, source or "var ok = 1;")
-    with pytest.raises(error):
-        offline_plots.template_html(tmp_path)
+needs_browser = pytest.mark.skipif(
+    find_chromium() is None, reason="no Chromium installed (apt-get install chromium); .ci/run installs it"
+)
 
 
 @pytest.fixture(scope="module")
 def plots_pages(tmp_path_factory) -> dict[str, Path]:
     """`dvc plots show` and `dvc plots diff` pages of the committed reports, with the offline template
     installed as `make setup` installs it."""
-    if not (NODE_MODULES / "vega-embed").is_dir():
-        pytest.fail(f"{NODE_MODULES} has no vega-embed: run `make setup` (npm ci) first")
     repo = tmp_path_factory.mktemp("plots") / "repo"
     repo.mkdir()
     shutil.copytree(ROOT / "reports", repo / "reports")
@@ -77,7 +43,7 @@ def plots_pages(tmp_path_factory) -> dict[str, Path]:
     run(["dvc", "init", "-q"], repo)
     run(["git", "add", "-A"], repo)
     run(["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "reports"], repo)
-    offline_plots.install(repo, node_modules=NODE_MODULES)
+    offline_plots.install(repo)
     assert "html_template" in (repo / ".dvc/config.local").read_text()
     assert "html_template" not in (repo / ".dvc/config").read_text()
     # a changed calibration in the workspace, so that the diff has two revisions to show
@@ -98,9 +64,14 @@ def report(tmp_path_factory) -> Path:
     """reports/report.html, written from the committed summary, figures and audit."""
     folder = tmp_path_factory.mktemp("report") / "reports"
     shutil.copytree(ROOT / "reports", folder, ignore=shutil.ignore_patterns("report.html"))
-    return write_report(folder / "report.html", folder / "README.md",
-                        attachments={"reports/data_audit.json": folder / "data_audit.json",
-                                     "reports/split.json": folder / "split.json"})
+    return write_report(
+        folder / "report.html",
+        folder / "README.md",
+        attachments={
+            "reports/data_audit.json": folder / "data_audit.json",
+            "reports/split.json": folder / "split.json",
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +123,13 @@ def open_offline(browser: Browser, page: Path, screenshot: Path, ready: str, sta
 @needs_browser
 @pytest.mark.parametrize("command", ["show", "diff"])
 def test_dvc_plots_render_offline(plots_pages, browser, artifacts, command):
-    open_offline(browser, plots_pages[command], artifacts / f"dvc_plots_{command}.png",
-                 f"{ALL_DRAWN} && {IMAGES_DECODED}", state=VEGA_VIEWS)
+    open_offline(
+        browser,
+        plots_pages[command],
+        artifacts / f"dvc_plots_{command}.png",
+        f"{ALL_DRAWN} && {IMAGES_DECODED}",
+        state=VEGA_VIEWS,
+    )
     views = browser.evaluate(VEGA_VIEWS)
     assert len(views) == VEGA_PLOTS and all(v["kind"] and v["drawn"] > 500 for v in views), views
     images = browser.evaluate("[...document.images].map(i => i.naturalWidth)")
@@ -166,5 +142,7 @@ def test_html_report_renders_offline(report, browser, artifacts):
     open_offline(browser, report, artifacts / "report.png", IMAGES_DECODED)
     images = browser.evaluate("[...document.images].map(i => [i.naturalWidth, i.src.slice(0, 22)])")
     assert len(images) == IMAGE_PLOTS and all(w > 0 and src == "data:image/png;base64," for w, src in images)
-    assert browser.evaluate("document.querySelectorAll('table').length") == 4  # models, baselines, models against the best baseline, split
+    assert (
+        browser.evaluate("document.querySelectorAll('table').length") == 4
+    )  # models, baselines, models against the best baseline, split
     assert browser.evaluate("document.querySelectorAll('script').length") == 0

@@ -54,6 +54,7 @@ def distance(a: Image.Image, b: Image.Image) -> float:
 
 # ---- fingerprints -------------------------------------------------------------------------------
 
+
 def test_fingerprint_shape_and_normalisation() -> None:
     fp = fingerprint(knee(0))
     assert fp.shape == (len(CROP_FRACTIONS), THUMB_SIDE**2) and fp.dtype == np.float32
@@ -107,8 +108,11 @@ def test_group_near_duplicates() -> None:
 def test_grouping_is_transitive() -> None:
     # a ~ b and b ~ c put a, b, c in one group even where a and c alone would not be
     prints = np.zeros((3, len(CROP_FRACTIONS), 4), dtype=np.float32)
-    vecs = [np.array([1.0, 0.0, 0.0, 0.0]), np.array([np.cos(0.1), np.sin(0.1), 0, 0]),
-            np.array([np.cos(0.2), np.sin(0.2), 0, 0])]
+    vecs = [
+        np.array([1.0, 0.0, 0.0, 0.0]),
+        np.array([np.cos(0.1), np.sin(0.1), 0, 0]),
+        np.array([np.cos(0.2), np.sin(0.2), 0, 0]),
+    ]
     for k, v in enumerate(vecs):
         prints[k, :] = v
     dist = pairwise_distance(prints)
@@ -118,6 +122,7 @@ def test_grouping_is_transitive() -> None:
 
 
 # ---- curation -----------------------------------------------------------------------------------
+
 
 def save_jpeg(img: Image.Image, path: Path, quality: int = 92) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -156,8 +161,9 @@ def raw(tmp_path: Path) -> dict[str, Path]:
 
 
 def run_curate(raw: dict[str, Path], out: Path, keep_conflicts: bool = False):
-    return curate(raw, out, max_pixels=10**7, min_side=32, near_duplicate_distance=THRESHOLD,
-                  keep_conflicts=keep_conflicts)
+    return curate(
+        raw, out, max_pixels=10**7, min_side=32, near_duplicate_distance=THRESHOLD, keep_conflicts=keep_conflicts
+    )
 
 
 def test_curate(raw: dict[str, Path], tmp_path: Path) -> None:
@@ -169,9 +175,13 @@ def test_curate(raw: dict[str, Path], tmp_path: Path) -> None:
     assert len(result.fingerprints) == len(index)
     kept = dict(zip(index["source"], index["label"]))
     assert kept == {
-        "normal/N1.jpg": "normal", "normal/N3.jpg": "normal",
-        "osteopenia/OP1.jpg": "osteopenia", "osteopenia/OP1_big.png": "osteopenia", "osteopenia/OP2.jpg": "osteopenia",
-        "osteoporosis/OS1.jpg": "osteoporosis", "osteoporosis/OS2.jpg": "osteoporosis",
+        "normal/N1.jpg": "normal",
+        "normal/N3.jpg": "normal",
+        "osteopenia/OP1.jpg": "osteopenia",
+        "osteopenia/OP1_big.png": "osteopenia",
+        "osteopenia/OP2.jpg": "osteopenia",
+        "osteoporosis/OS1.jpg": "osteoporosis",
+        "osteoporosis/OS2.jpg": "osteoporosis",
     }
 
     # files seen: hidden files and __MACOSX are not
@@ -198,7 +208,9 @@ def test_curate(raw: dict[str, Path], tmp_path: Path) -> None:
     others = [g for s, g in group.items() if not s.startswith("osteopenia/OP1")]
     assert len(set(others)) == len(others) and group["osteopenia/OP1.jpg"] not in others
     assert sorted(map(sorted, audit["near_duplicates"])) == [
-        ["normal/N2.jpg", "osteopenia/OP9.jpg"], ["osteopenia/OP1.jpg", "osteopenia/OP1_big.png"]]
+        ["normal/N2.jpg", "osteopenia/OP9.jpg"],
+        ["osteopenia/OP1.jpg", "osteopenia/OP1_big.png"],
+    ]
     assert audit["images_kept"] == 7
     assert audit["images_per_class"] == {"normal": 2, "osteopenia": 3, "osteoporosis": 2}
 

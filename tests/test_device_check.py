@@ -10,7 +10,6 @@ import sys
 import keras
 import numpy as np
 import pytest
-
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -20,9 +19,11 @@ from kneexray.inputs import build_augmenter  # noqa: E402
 
 
 def test_epoch_log_lines_parse_and_the_first_epoch_is_left_out():
-    log = ("INFO kneexray.training: epoch 0: 9.10 s, 10.0 train images/s\n"
-           "INFO kneexray.training: epoch 1: 1.00 s, 90.0 train images/s\n"
-           "INFO kneexray.training: epoch 2: 1.10 s, 80.0 train images/s\n")
+    log = (
+        "INFO kneexray.training: epoch 0: 9.10 s, 10.0 train images/s\n"
+        "INFO kneexray.training: epoch 1: 1.00 s, 90.0 train images/s\n"
+        "INFO kneexray.training: epoch 2: 1.10 s, 80.0 train images/s\n"
+    )
     rates = gpu_check.epoch_rates(log)
     assert rates == [10.0, 90.0, 80.0]
     assert gpu_check.steady_rate(rates) == 85.0
@@ -33,8 +34,9 @@ def test_epoch_log_lines_parse_and_the_first_epoch_is_left_out():
 def test_augmenter_stays_float32_under_a_mixed_precision_policy():
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
-        augmenter = build_augmenter({"horizontal_flip": True, "rotation_deg": 15, "shift": 0.1, "zoom": 0.1,
-                                     "brightness": [0.8, 1.2]}, seed=0)
+        augmenter = build_augmenter(
+            {"horizontal_flip": True, "rotation_deg": 15, "shift": 0.1, "zoom": 0.1, "brightness": [0.8, 1.2]}, seed=0
+        )
     finally:
         keras.mixed_precision.set_global_policy("float32")
     x = np.linspace(0, 255, 2 * 16 * 16).reshape(2, 16, 16, 1).astype("float32")
@@ -45,9 +47,27 @@ def test_augmenter_stays_float32_under_a_mixed_precision_policy():
 @pytest.mark.slow
 def test_device_check_runs_both_trainings_under_two_precision_policies(tmp_path):
     out = tmp_path / "check.json"
-    result = subprocess.run([sys.executable, str(ROOT / "bench/gpu_check.py"), "--images", "120", "--size", "32",
-                             "--batch", "8", "--epochs", "3", "--policies", "float32,mixed_bfloat16", "--out", str(out)],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench/gpu_check.py"),
+            "--images",
+            "120",
+            "--size",
+            "32",
+            "--batch",
+            "8",
+            "--epochs",
+            "3",
+            "--policies",
+            "float32,mixed_bfloat16",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["device"].startswith("CPU only") and report["gpus"] == 0  # no GPU here: said so

@@ -113,8 +113,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
             self._trickle(b"a" * len(PAYLOAD))
         elif path in ("/html", "/zip", "/empty-zip"):
-            body, kind = {"/html": (HTML, "text/html; charset=utf-8"), "/zip": (ZIP, "application/zip"),
-                          "/empty-zip": (EMPTY_ZIP, "application/octet-stream")}[path]
+            body, kind = {
+                "/html": (HTML, "text/html; charset=utf-8"),
+                "/zip": (ZIP, "application/zip"),
+                "/empty-zip": (EMPTY_ZIP, "application/octet-stream"),
+            }[path]
             self.send_response(200)
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
@@ -146,7 +149,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         start = 0
         rng = self.headers.get("Range")
         if honour_range and rng and rng.startswith("bytes=") and rng.endswith("-"):
-            start = int(rng[len("bytes="):-1])
+            start = int(rng[len("bytes=") : -1])
         body = PAYLOAD[start:]
         if start:
             self.send_response(206)
@@ -207,7 +210,7 @@ def test_dropped_connection_resumes_with_range(server: Server, tmp_path: Path, c
     assert dest.read_bytes() == PAYLOAD
     ranges = [r for _, r in server.requests]
     assert len(ranges) == 3 and ranges[0] is None
-    starts = [int(r[len("bytes="):-1]) for r in ranges[1:]]
+    starts = [int(r[len("bytes=") : -1]) for r in ranges[1:]]
     assert 0 < starts[0] < starts[1] < len(PAYLOAD)  # each retry resumes where the last stopped
     assert sum("retry" in rec.getMessage() for rec in caplog.records) == 2
     assert leftovers(tmp_path) == ["data.zip"]
@@ -339,8 +342,9 @@ def test_connection_refused_names_offline_alternatives(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(DownloadError) as info:
-        download(f"http://127.0.0.1:{port}/x.zip", tmp_path / "d.bin", timeout=1.0, retries=1,
-                 backoff=0.01, progress=False)
+        download(
+            f"http://127.0.0.1:{port}/x.zip", tmp_path / "d.bin", timeout=1.0, retries=1, backoff=0.01, progress=False
+        )
     message = str(info.value)
     assert "\n" not in message
     assert "refused" in message
@@ -355,8 +359,7 @@ def test_dns_failure_says_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
     with pytest.raises(DownloadError, match="seems offline") as info:
-        download("https://data.example.org/knee.zip", tmp_path / "d.bin", retries=1, backoff=0.01,
-                 progress=False)
+        download("https://data.example.org/knee.zip", tmp_path / "d.bin", retries=1, backoff=0.01, progress=False)
     assert "dataset.source=phantom" in str(info.value)
 
 
@@ -368,18 +371,26 @@ def test_credentials_and_query_not_shown(tmp_path: Path) -> None:
         download(f"http://user:secret@127.0.0.1:{port}/x.zip", tmp_path / "d.bin", progress=False)
     assert "secret" not in str(info.value)
     with pytest.raises(DownloadError, match="refused") as info:
-        download(f"http://127.0.0.1:{port}/x.zip?token=secret", tmp_path / "d.bin", retries=0,
-                 progress=False)
+        download(f"http://127.0.0.1:{port}/x.zip?token=secret", tmp_path / "d.bin", retries=0, progress=False)
     assert "secret" not in str(info.value)
 
 
 # --- deadline and minimum rate: a byte now and then must not keep a download alive forever -------
 
+
 def test_trickling_body_is_below_the_minimum_rate(server: Server, tmp_path: Path) -> None:
     started = time.monotonic()
     with pytest.raises(DownloadError, match=r"slower than the minimum 1 kbit/s") as info:
-        download(f"{server.base}/trickle-body", tmp_path / "d.bin", timeout=2.0, retries=1, backoff=0.01,
-                 min_rate_kbps=1, rate_window=0.3, progress=False)
+        download(
+            f"{server.base}/trickle-body",
+            tmp_path / "d.bin",
+            timeout=2.0,
+            retries=1,
+            backoff=0.01,
+            min_rate_kbps=1,
+            rate_window=0.3,
+            progress=False,
+        )
     assert time.monotonic() - started < 3.0  # each receive came well within the 2 s timeout
     assert server.count("/trickle-body") == 2 and "failed after 2 attempt(s)" in str(info.value)
     assert "\n" not in str(info.value)
@@ -389,8 +400,16 @@ def test_trickling_body_is_below_the_minimum_rate(server: Server, tmp_path: Path
 def test_trickling_body_hits_the_overall_deadline(server: Server, tmp_path: Path) -> None:
     started = time.monotonic()
     with pytest.raises(DownloadError, match=r"did not finish within the overall deadline of 0.6 s") as info:
-        download(f"{server.base}/trickle-body", tmp_path / "d.bin", timeout=2.0, retries=3, backoff=0.01,
-                 deadline=0.6, min_rate_kbps=0, progress=False)
+        download(
+            f"{server.base}/trickle-body",
+            tmp_path / "d.bin",
+            timeout=2.0,
+            retries=3,
+            backoff=0.01,
+            deadline=0.6,
+            min_rate_kbps=0,
+            progress=False,
+        )
     assert 0.5 < time.monotonic() - started < 2.0
     assert server.count("/trickle-body") == 1  # the deadline is not retried
     assert "bytes received" in str(info.value) and "\n" not in str(info.value)
@@ -401,21 +420,38 @@ def test_trickling_headers_are_cut_at_the_deadline(server: Server, tmp_path: Pat
     """http.client reads headers without returning to us: only the deadline's timer can stop it."""
     started = time.monotonic()
     with pytest.raises(DownloadError, match="overall deadline of 0.6 s"):
-        download(f"{server.base}/trickle-headers", tmp_path / "d.bin", timeout=2.0, retries=3, backoff=0.01,
-                 deadline=0.6, progress=False)
+        download(
+            f"{server.base}/trickle-headers",
+            tmp_path / "d.bin",
+            timeout=2.0,
+            retries=3,
+            backoff=0.01,
+            deadline=0.6,
+            progress=False,
+        )
     assert time.monotonic() - started < 2.0
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("bad", [dict(timeout=float("inf")), dict(timeout=1e300), dict(timeout=float("nan")),
-                                 dict(deadline=float("inf")), dict(deadline=0), dict(min_rate_kbps=-1),
-                                 dict(rate_window=0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(timeout=float("inf")),
+        dict(timeout=1e300),
+        dict(timeout=float("nan")),
+        dict(deadline=float("inf")),
+        dict(deadline=0),
+        dict(min_rate_kbps=-1),
+        dict(rate_window=0),
+    ],
+)
 def test_unbounded_timing_arguments_are_refused(tmp_path: Path, bad: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         download("http://127.0.0.1:9/x.zip", tmp_path / "d.bin", progress=False, **bad)
 
 
 # --- redirects: http(s) only, never down from https ------------------------------------------------
+
 
 @pytest.mark.parametrize("target", ["ftp://127.0.0.1/x.zip", "file:///etc/passwd", "gopher://127.0.0.1/x"])
 def test_redirect_to_another_scheme_is_refused(server: Server, tmp_path: Path, target: str) -> None:
@@ -437,17 +473,22 @@ def test_absolute_http_redirect_is_followed(server: Server, tmp_path: Path) -> N
 def test_redirect_from_https_down_to_http_is_refused() -> None:
     request = urllib.request.Request("https://data.example.org/knee.zip")
     with pytest.raises(DownloadError, match=r"to http://mirror.example.org/knee.zip: a downgrade from https"):
-        _CheckedRedirects().http_error_302(request, io.BytesIO(), 302, "Found",
-                                           {"location": "http://mirror.example.org/knee.zip"})
+        _CheckedRedirects().http_error_302(
+            request, io.BytesIO(), 302, "Found", {"location": "http://mirror.example.org/knee.zip"}
+        )
 
 
 # --- the body must be a ZIP archive ----------------------------------------------------------------
 
+
 def test_html_page_is_not_taken_for_the_archive(server: Server, tmp_path: Path) -> None:
     dest = tmp_path / "d.zip"
     dest.write_bytes(b"old good data")
-    with pytest.raises(DownloadError, match=r"is not a ZIP archive \(Content-Type: text/html; charset=utf-8; "
-                                            r"the body starts with b'<!DOCTYPE html>") as info:
+    with pytest.raises(
+        DownloadError,
+        match=r"is not a ZIP archive \(Content-Type: text/html; charset=utf-8; "
+        r"the body starts with b'<!DOCTYPE html>",
+    ) as info:
         download(f"{server.base}/html", dest, require_zip=True, **FAST)
     assert "\n" not in str(info.value) and "dataset.source=phantom" in str(info.value)
     assert dest.read_bytes() == b"old good data" and leftovers(tmp_path) == ["d.zip"]
@@ -466,8 +507,20 @@ def test_local_file_that_is_not_a_zip(tmp_path: Path) -> None:
 
 
 def url_params(url: str, **dataset) -> dict:
-    return {"dataset": {"source": "url", "url": url, "path": "", "sha256": "", "max_download_mb": 1,
-                        "timeout_s": 2, "retries": 0, "deadline_s": 5, "min_rate_kbps": 1, **dataset}}
+    return {
+        "dataset": {
+            "source": "url",
+            "url": url,
+            "path": "",
+            "sha256": "",
+            "max_download_mb": 1,
+            "timeout_s": 2,
+            "retries": 0,
+            "deadline_s": 5,
+            "min_rate_kbps": 1,
+            **dataset,
+        }
+    }
 
 
 def test_fetch_stage_refuses_an_html_page_in_one_line(server: Server, tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, make_project, run, tool_env
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -70,7 +69,9 @@ def _experiments(shown: list) -> dict[str, dict]:
 
 def test_queued_grid_runs_two_experiments_in_parallel_and_exp_show_compares_them(repo):
     before = {name: _digest(repo / name) for name in OUTPUTS}
-    queued = run(["dvc", "exp", "run", "--queue", "-S", "cnn.learning_rate=0.002,0.0003", "-S", "train.threads=1"], repo)
+    queued = run(
+        ["dvc", "exp", "run", "--queue", "-S", "cnn.learning_rate=0.002,0.0003", "-S", "train.threads=1"], repo
+    )
     assert queued.stdout.count("Queued experiment") == 2, queued.stdout
     run(["dvc", "queue", "start", "-j", "2"], repo)
     try:

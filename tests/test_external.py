@@ -21,7 +21,9 @@ def _class_folders(root, seed: int, per_class: int):
     for label in CLASSES:
         (root / label).mkdir(parents=True)
         for i in range(per_class):
-            render_knee(np.random.default_rng([seed, CLASSES.index(label), i]), label, size=96).save(root / label / f"{i}.jpg")
+            render_knee(np.random.default_rng([seed, CLASSES.index(label), i]), label, size=96).save(
+                root / label / f"{i}.jpg"
+            )
     return {label: root / label for label in CLASSES}
 
 
@@ -29,8 +31,14 @@ def _class_folders(root, seed: int, per_class: int):
 def pipeline_outputs(tmp_path, tiny):
     """What extract, split and train leave behind, in miniature."""
     data = tmp_path / "data" / "extracted"
-    curated = curate(_class_folders(tmp_path / "raw", 1, 6), data / IMAGES_DIR, max_pixels=10**8, min_side=32,
-                     near_duplicate_distance=0.006, keep_conflicts=False)
+    curated = curate(
+        _class_folders(tmp_path / "raw", 1, 6),
+        data / IMAGES_DIR,
+        max_pixels=10**8,
+        min_side=32,
+        near_duplicate_distance=0.006,
+        keep_conflicts=False,
+    )
     curated.index["path"] = IMAGES_DIR + "/" + curated.index["path"]
     curated.index.to_csv(data / INDEX_FILE, index=False)
     np.save(data / FINGERPRINTS_FILE, curated.fingerprints)
@@ -41,9 +49,11 @@ def pipeline_outputs(tmp_path, tiny):
     index.drop(index.index[::3]).to_csv(split / "train.csv", index=False)
     index.iloc[:0].to_csv(split / "val.csv", index=False)
     model = tmp_path / "cnn.keras"
-    save_model(build_cnn(32, filters=[4, 8], dense_units=4, dropout=0.1),
-               {"model": "cnn", "classes": list(CLASSES), "image_size": 32, "weights_source": "none (trained from scratch)"},
-               model)
+    save_model(
+        build_cnn(32, filters=[4, 8], dense_units=4, dropout=0.1),
+        {"model": "cnn", "classes": list(CLASSES), "image_size": 32, "weights_source": "none (trained from scratch)"},
+        model,
+    )
     return tmp_path, data, split, model, index
 
 
@@ -55,8 +65,14 @@ def test_external_set_is_scored_without_copies_of_training_images(pipeline_outpu
     shutil.copy(data / train_image["path"], external / train_image["label"] / "copy_of_training.jpg")
 
     params = {**tiny, "evaluate": {**tiny["evaluate"], "external_path": str(external)}}
-    summary = evaluate_models({"cnn": str(model)}, test_csv=split / "test.csv", data_root=data,
-                              out_dir=root / "reports" / "eval", metrics_path=root / "reports" / "metrics.json", params=params)
+    summary = evaluate_models(
+        {"cnn": str(model)},
+        test_csv=split / "test.csv",
+        data_root=data,
+        out_dir=root / "reports" / "eval",
+        metrics_path=root / "reports" / "metrics.json",
+        params=params,
+    )
     assert summary["external_data"]["copies_of_training_images_removed"] == 1
     assert summary["external_data"]["n"] == 9 and summary["external_data"]["per_class"] == {c: 3 for c in CLASSES}
     external_scores = summary["cnn"]["external"]
@@ -70,5 +86,11 @@ def test_missing_external_path_is_a_clear_error(pipeline_outputs, tiny):
     root, data, split, model, _ = pipeline_outputs
     params = {**tiny, "evaluate": {**tiny["evaluate"], "external_path": str(root / "nowhere")}}
     with pytest.raises(FileNotFoundError, match="evaluate.external_path"):
-        evaluate_models({"cnn": str(model)}, test_csv=split / "test.csv", data_root=data,
-                        out_dir=root / "reports" / "eval", metrics_path=root / "m.json", params=params)
+        evaluate_models(
+            {"cnn": str(model)},
+            test_csv=split / "test.csv",
+            data_root=data,
+            out_dir=root / "reports" / "eval",
+            metrics_path=root / "m.json",
+            params=params,
+        )

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 from PIL import Image
 
-from conftest import ROOT
 from kneexray.html_report import write_report
 from kneexray.plots import format_with_ci, summary_markdown
 
@@ -37,17 +37,25 @@ def reports(tmp_path) -> Path:
     for i, figure in enumerate(FIGURES):
         png(folder / figure, (40 * i, 100, 200))
     png(folder / "data_audit_pairs.png", (250, 250, 0), size=(8, 8))
-    summary = summary_markdown(json.loads((folder / "metrics.json").read_text()),
-                               json.loads((folder / "data_audit.json").read_text()),
-                               json.loads((folder / "split.json").read_text()), list(FIGURES))
+    summary = summary_markdown(
+        json.loads((folder / "metrics.json").read_text()),
+        json.loads((folder / "data_audit.json").read_text()),
+        json.loads((folder / "split.json").read_text()),
+        list(FIGURES),
+    )
     (folder / "README.md").write_text(summary)
     return folder
 
 
 def build(reports: Path) -> Path:
-    return write_report(reports / "report.html", reports / "README.md",
-                        attachments={"reports/data_audit.json": reports / "data_audit.json",
-                                     "reports/split.json": reports / "split.json"})
+    return write_report(
+        reports / "report.html",
+        reports / "README.md",
+        attachments={
+            "reports/data_audit.json": reports / "data_audit.json",
+            "reports/split.json": reports / "split.json",
+        },
+    )
 
 
 def test_report_is_one_self_contained_file(reports):
@@ -101,12 +109,30 @@ def test_summary_text_is_escaped_not_interpreted(tmp_path):
 def test_plot_stage_writes_the_report(reports):
     """The stage's --html glue, run as dvc.yaml runs it, with figure drawing (tested elsewhere) stubbed."""
     r = reports
-    args = [sys.executable, "-c",
-            "import runpy, kneexray.plots as plots; plots.make_figures = lambda **kw: []; "
-            "runpy.run_module('stages.plot', run_name='__main__')",
-            "--metrics", r / "metrics.json", "--eval", r / "eval", "--live", f"cnn={r}/train/cnn",
-            "--audit", r / "data_audit.json", "--split-report", r / "split.json", "--figures", r / "figures",
-            "--summary", r / "README.md", "--html", r / "report.html", "--params", ROOT / "params.yaml"]
+    args = [
+        sys.executable,
+        "-c",
+        "import runpy, kneexray.plots as plots; plots.make_figures = lambda **kw: []; "
+        "runpy.run_module('stages.plot', run_name='__main__')",
+        "--metrics",
+        r / "metrics.json",
+        "--eval",
+        r / "eval",
+        "--live",
+        f"cnn={r}/train/cnn",
+        "--audit",
+        r / "data_audit.json",
+        "--split-report",
+        r / "split.json",
+        "--figures",
+        r / "figures",
+        "--summary",
+        r / "README.md",
+        "--html",
+        r / "report.html",
+        "--params",
+        ROOT / "params.yaml",
+    ]
     subprocess.run([str(a) for a in args], cwd=ROOT, check=True, capture_output=True, text=True)
     page = (r / "report.html").read_text()
     assert page.count('<img src="data:image/png;base64,') == len(FIGURES) + 1

@@ -42,6 +42,7 @@ def write(tmp_path: Path, name: str, data: bytes) -> Path:
 
 # ---- broken files -------------------------------------------------------------------------------
 
+
 def test_truncated_jpeg(tmp_path: Path) -> None:
     data = encode(noise(160, 120), "JPEG", quality=90)
     path = write(tmp_path, "cut.jpg", data[: len(data) // 2])
@@ -55,8 +56,11 @@ def test_truncated_jpeg(tmp_path: Path) -> None:
 
 def test_zero_byte_file(tmp_path: Path) -> None:
     path = write(tmp_path, "empty.jpg", b"")
-    for call in (lambda: open_image(path), lambda: inspect(path, max_pixels=10**8, min_side=1),
-                 lambda: load_grey_array(path, 64)):
+    for call in (
+        lambda: open_image(path),
+        lambda: inspect(path, max_pixels=10**8, min_side=1),
+        lambda: load_grey_array(path, 64),
+    ):
         with pytest.raises(ImageError, match="^empty file$"):
             call()
 
@@ -81,9 +85,10 @@ def test_pil_bomb_limit_is_restored_even_after_an_error(tmp_path: Path) -> None:
 
 # ---- modes --------------------------------------------------------------------------------------
 
+
 def test_16_bit_greyscale_png_is_stretched_to_full_8_bit_range(tmp_path: Path) -> None:
     # a radiograph-like 16-bit image using only 1000..20990 of 0..65535
-    raw = (np.arange(40 * 50, dtype=np.uint16).reshape(40, 50) * 10 + 1000)
+    raw = np.arange(40 * 50, dtype=np.uint16).reshape(40, 50) * 10 + 1000
     path = write(tmp_path, "deep.png", encode(Image.fromarray(raw), "PNG"))
     img = open_image(path)
     assert img.mode == "I;16"
@@ -167,8 +172,11 @@ def test_cmyk_jpeg(tmp_path: Path) -> None:
 @pytest.mark.parametrize("mode", ["1", "LA", "I", "F", "RGB"])
 def test_other_modes_become_l(mode: str) -> None:
     base = gradient(48, 32)
-    img = base.convert(mode) if mode not in ("I", "F") else Image.fromarray(
-        np.asarray(base).astype(np.int32 if mode == "I" else np.float32))
+    img = (
+        base.convert(mode)
+        if mode not in ("I", "F")
+        else Image.fromarray(np.asarray(base).astype(np.int32 if mode == "I" else np.float32))
+    )
     assert img.mode == mode
     grey = to_grey(img)
     assert grey.mode == "L" and grey.size == (48, 32)
@@ -177,6 +185,7 @@ def test_other_modes_become_l(mode: str) -> None:
 
 
 # ---- size checks --------------------------------------------------------------------------------
+
 
 def test_image_over_the_pixel_cap(tmp_path: Path) -> None:
     path = write(tmp_path, "big.png", encode(noise(200, 100), "PNG"))  # 20 000 pixels
@@ -206,6 +215,7 @@ def test_image_under_the_minimum_side(tmp_path: Path) -> None:
 
 
 # ---- orientation and the array loader -----------------------------------------------------------
+
 
 def exif_jpeg(img: Image.Image, orientation: int) -> bytes:
     exif = Image.Exif()
@@ -238,8 +248,9 @@ def test_array_loader_honours_exif_orientation_on_the_draft_path(tmp_path: Path)
     arr = load_grey_array(path, 64).astype(float)
     assert arr.shape == (64, 64)
     assert arr[-8:].mean() > arr[:8].mean() + 100  # bright side at the bottom, as displayed
-    expected = np.asarray(raw.transpose(Image.Transpose.ROTATE_270).resize((64, 64), Image.Resampling.BILINEAR),
-                          dtype=float)
+    expected = np.asarray(
+        raw.transpose(Image.Transpose.ROTATE_270).resize((64, 64), Image.Resampling.BILINEAR), dtype=float
+    )
     assert np.abs(arr - expected).mean() < 4
 
 

@@ -32,8 +32,9 @@ pytestmark = pytest.mark.slow
 def _run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({result.returncode}):\n"
-                             f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(map(str, cmd))} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
     return result
 
 
@@ -44,8 +45,22 @@ def wheel(tmp_path_factory) -> Path:
         shutil.copy2(ROOT / name, src / name)
     shutil.copytree(ROOT / "kneexray", src / "kneexray", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     dist = tmp_path_factory.mktemp("dist")
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-          "--disable-pip-version-check", "-w", str(dist), str(src)], cwd=dist)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--disable-pip-version-check",
+            "-w",
+            str(dist),
+            str(src),
+        ],
+        cwd=dist,
+    )
     wheels = list(dist.glob("kneexray-*.whl"))
     assert len(wheels) == 1, wheels
     return wheels[0]
@@ -55,8 +70,21 @@ def wheel(tmp_path_factory) -> Path:
 def installed(wheel, tmp_path_factory) -> Path:
     """The folder the wheel was installed into (kneexray/ and bin/kneexray)."""
     target = tmp_path_factory.mktemp("site")
-    _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--disable-pip-version-check",
-          "--target", str(target), str(wheel)], cwd=target)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--disable-pip-version-check",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        cwd=target,
+    )
     return target
 
 
@@ -107,15 +135,22 @@ def test_installed_command_predicts_outside_the_repo(installed, outside):
     cwd, env = outside
     keras.utils.set_random_seed(0)
     model = build_cnn(SIZE, filters=[4], dense_units=4, dropout=0.0)  # untrained: the output's shape is the test
-    metadata = {"model": "cnn", "classes": list(CLASSES), "image_size": SIZE,
-                "weights_source": "none (trained from scratch)", "kneexray_version": __version__}
+    metadata = {
+        "model": "cnn",
+        "classes": list(CLASSES),
+        "image_size": SIZE,
+        "weights_source": "none (trained from scratch)",
+        "kneexray_version": __version__,
+        "data": {"source": "path"},
+    }
     save_model(model, metadata, cwd / "tiny.keras")
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (48, 40), dtype=np.uint8)).save(cwd / "knee.png")
 
     # -v after the command: accepted, and it does turn logging on (predict's INFO line).
-    result = _run(kneexray_cmd(installed) + ["predict", "-v", "knee.png", "--model", "tiny.keras",
-                                             "--json", "out.json"], cwd, env)
+    result = _run(
+        kneexray_cmd(installed) + ["predict", "-v", "knee.png", "--model", "tiny.keras", "--json", "out.json"], cwd, env
+    )
     assert "tiny.keras: cnn model, 32 px, 1 file(s)" in result.stderr
     rows = json.loads((cwd / "out.json").read_text())
     assert [row["path"] for row in rows] == ["knee.png"]

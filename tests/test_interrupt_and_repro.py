@@ -14,13 +14,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import run
 
 pytestmark = pytest.mark.slow
 
-TRAIN_CMD = ["-m", "stages.train", "cnn", "--split", "data/split", "--data", "data/extracted",
-             "--out", "models/cnn.keras", "--live", "reports/train/cnn"]
+TRAIN_CMD = [
+    "-m",
+    "stages.train",
+    "cnn",
+    "--split",
+    "data/split",
+    "--data",
+    "data/extracted",
+    "--out",
+    "models/cnn.keras",
+    "--live",
+    "reports/train/cnn",
+]
 
 
 def _set_params(project: Path, **changes) -> None:
@@ -38,8 +48,9 @@ def _epochs_logged(project: Path) -> int:
 
 def _kill_after_epochs(project: Path, epochs: int, timeout: float = 240) -> None:
     env = {**os.environ, "PYTHONPATH": str(project), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.Popen([sys.executable, *TRAIN_CMD], cwd=project, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, *TRAIN_CMD], cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + timeout
     try:
         while _epochs_logged(project) < epochs:

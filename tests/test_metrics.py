@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from kneexray.metrics import (MetricsError, bootstrap_ci, calibration, evaluate_predictions, macro_auc,
-                              per_class_auc, roc_points)
+from kneexray.metrics import (
+    MetricsError,
+    bootstrap_ci,
+    calibration,
+    evaluate_predictions,
+    macro_auc,
+    per_class_auc,
+    roc_points,
+)
 
 # classes: 0 normal, 1 osteopenia, 2 osteoporosis
 FAST = dict(resamples=20, seed=0)
@@ -106,10 +113,7 @@ def test_macro_auc_equals_sklearn() -> None:
 def test_macro_auc_by_hand_with_a_class_absent() -> None:
     # only normal (0) and osteopenia (1) present; osteoporosis has no positives and is left out
     y = np.array([0, 0, 1, 1])
-    proba = np.array([[0.7, 0.2, 0.1],
-                      [0.4, 0.5, 0.1],
-                      [0.5, 0.4, 0.1],
-                      [0.1, 0.8, 0.1]])
+    proba = np.array([[0.7, 0.2, 0.1], [0.4, 0.5, 0.1], [0.5, 0.4, 0.1], [0.1, 0.8, 0.1]])
     # normal scores: positives .7 .4, negatives .5 .1 -> pairs won: (.7>.5, .7>.1, .4>.1) = 3 of 4
     # osteopenia scores: positives .4 .8, negatives .2 .5 -> (.4>.2, .8>.2, .8>.5) = 3 of 4
     assert macro_auc(y, proba) == pytest.approx(0.75)
@@ -120,10 +124,14 @@ def test_macro_auc_by_hand_with_a_class_absent() -> None:
 
 def test_ece_hand_computed_with_two_bins() -> None:
     y = np.array([0, 0, 0, 2])
-    proba = np.array([[0.90, 0.05, 0.05],  # conf .90, right  -> upper bin
-                      [0.20, 0.70, 0.10],  # conf .70, wrong  -> upper bin
-                      [0.40, 0.35, 0.25],  # conf .40, right  -> lower bin
-                      [0.30, 0.45, 0.25]])  # conf .45, wrong -> lower bin
+    proba = np.array(
+        [
+            [0.90, 0.05, 0.05],  # conf .90, right  -> upper bin
+            [0.20, 0.70, 0.10],  # conf .70, wrong  -> upper bin
+            [0.40, 0.35, 0.25],  # conf .40, right  -> lower bin
+            [0.30, 0.45, 0.25],
+        ]
+    )  # conf .45, wrong -> lower bin
     # lower bin: confidence (.40 + .45)/2 = .425, accuracy 1/2 -> |gap| .075, weight 2/4
     # upper bin: confidence (.90 + .70)/2 = .80,  accuracy 1/2 -> |gap| .30,  weight 2/4
     # ECE = .5 * .075 + .5 * .30 = .1875

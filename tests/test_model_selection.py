@@ -76,8 +76,11 @@ def phantom(tmp_path_factory) -> Path:
 
 
 def _params(tiny, **train):
-    return {**tiny, "cnn": {**tiny["cnn"], "image_size": 48, "filters": [16, 32, 64], "dense_units": 16, "epochs": 10},
-            "train": {**tiny["train"], "folds": 3, "min_epochs": 3, "patience": 10, **train}}
+    return {
+        **tiny,
+        "cnn": {**tiny["cnn"], "image_size": 48, "filters": [16, 32, 64], "dense_units": 16, "epochs": 10},
+        "train": {**tiny["train"], "folds": 3, "min_epochs": 3, "patience": 10, **train},
+    }
 
 
 def test_cnn_beats_the_majority_baseline_on_a_learnable_phantom_and_predict_agrees(tiny, phantom, tmp_path):
@@ -87,7 +90,9 @@ def test_cnn_beats_the_majority_baseline_on_a_learnable_phantom_and_predict_agre
     y = label_indices(test["label"])
     proba = infer(result.model, load_images(test["path"], 48, root=phantom), 8)
     model_f1 = score("macro_f1", y, proba)
-    majority_f1 = score("macro_f1", y, majority_proba(label_indices(pd.read_csv(phantom / "train.csv")["label"]), len(y)))
+    majority_f1 = score(
+        "macro_f1", y, majority_proba(label_indices(pd.read_csv(phantom / "train.csv")["label"]), len(y))
+    )
     assert model_f1 >= majority_f1 + 0.4, (model_f1, majority_f1)
     meta = result.metadata
     assert meta["folds"] == 3 and meta["no_skill"] is False and meta["selected_epoch"] >= 3
@@ -146,3 +151,29 @@ def test_a_collapsed_model_is_flagged_in_its_metadata(tiny, phantom, tmp_path, c
     assert result.metadata["no_skill"] is True
     assert result.metadata["train_prediction_shares"]["osteopenia"] >= 0.95
     assert "NO SKILL" in caplog.text
+
+
+def test_the_model_card_says_what_data_code_and_settings_made_the_model(tiny, phantom, tmp_path):
+    import subprocess
+    import sys
+
+    from kneexray.training import INTENDED_USE
+
+    params = _params(tiny)
+    params["cnn"]["epochs"] = 1
+    result = train("cnn", params, split_dir=phantom, data_root=phantom, live_dir=tmp_path / "live")
+    card = result.metadata
+    assert card["data"]["source"] == "phantom" and card["intended_use"] == INTENDED_USE
+    assert card["params"]["cnn"]["learning_rate"] == params["cnn"]["learning_rate"]
+    assert "threads" not in card["params"]["train"]  # how it ran, not what it is
+    path = tmp_path / "cnn.keras"
+    save_model(result.model, card, path)
+    image = phantom / pd.read_csv(phantom / "test.csv")["path"][0]
+    out = subprocess.run(
+        [sys.executable, "-m", "kneexray", "predict", str(image), "--model", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert out.returncode == 0, out.stderr
+    assert "trained on the synthetic knee phantom" in out.stderr  # said before it classifies anything

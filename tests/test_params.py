@@ -73,13 +73,16 @@ def test_missing_key_is_named() -> None:
         validate(params)
 
 
-@pytest.mark.parametrize("key, value", [
-    ("cnn__epochs", "30"),  # a string where an integer belongs
-    ("cnn__epochs", True),  # bool is an int subclass in Python: must still be refused
-    ("cnn__epochs", 3.0),  # a float is not an integer
-    ("image__batch_size", None),
-    ("cnn__learning_rate", "1e-3"),  # YAML reads 1e-3 without a dot as a string
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("cnn__epochs", "30"),  # a string where an integer belongs
+        ("cnn__epochs", True),  # bool is an int subclass in Python: must still be refused
+        ("cnn__epochs", 3.0),  # a float is not an integer
+        ("image__batch_size", None),
+        ("cnn__learning_rate", "1e-3"),  # YAML reads 1e-3 without a dot as a string
+    ],
+)
 def test_wrong_type_is_named(key: str, value) -> None:
     section, name = key.split("__")
     with pytest.raises(ParamsError, match=rf"^{section}\.{name}: expected"):
@@ -131,12 +134,15 @@ def test_unknown_dataset_source_lists_allowed_values() -> None:
         assert allowed in str(err.value)
 
 
-@pytest.mark.parametrize("fractions, pattern", [
-    ({"normal": 0.2, "osteopenia": 0.6, "osteoporosis": 0.3}, r"sum to 1, they sum to 1\.1"),
-    ({"normal": 0.1, "osteopenia": 0.5, "osteoporosis": 0.2}, r"sum to 1, they sum to 0\.8"),
-    ({"normal": 0.5, "osteopenia": 0.5}, r"exactly the keys"),
-    ({"normal": 0.0, "osteopenia": 0.5, "osteoporosis": 0.5}, r"phantom\.class_fractions\.normal"),
-])
+@pytest.mark.parametrize(
+    "fractions, pattern",
+    [
+        ({"normal": 0.2, "osteopenia": 0.6, "osteoporosis": 0.3}, r"sum to 1, they sum to 1\.1"),
+        ({"normal": 0.1, "osteopenia": 0.5, "osteoporosis": 0.2}, r"sum to 1, they sum to 0\.8"),
+        ({"normal": 0.5, "osteopenia": 0.5}, r"exactly the keys"),
+        ({"normal": 0.0, "osteopenia": 0.5, "osteoporosis": 0.5}, r"phantom\.class_fractions\.normal"),
+    ],
+)
 def test_class_fractions(fractions: dict, pattern: str) -> None:
     with pytest.raises(ParamsError, match=r"^phantom\.class_fractions") as err:
         validate(mutated(phantom__class_fractions=fractions))
@@ -213,6 +219,7 @@ def test_round_trip_through_a_file(tmp_path: Path) -> None:
 
 # --- read as DVC writes: YAML 1.2 -------------------------------------------------------------------
 
+
 def params_text(section: str, key: str, raw: str) -> str:
     """The committed params as YAML text, with `section.key` spelt exactly `raw` (as `dvc exp run -S` writes it)."""
     text = yaml.safe_dump(mutated(**{f"{section}__{key}": "__VALUE__"}), sort_keys=False)
@@ -220,18 +227,21 @@ def params_text(section: str, key: str, raw: str) -> str:
     return text.replace("__VALUE__", raw)
 
 
-@pytest.mark.parametrize(("section", "key", "raw", "expected"), [
-    ("cnn", "learning_rate", "1e-05", 1e-5),  # what DVC writes for -S cnn.learning_rate=1e-5
-    ("cnn", "learning_rate", "1e-5", 1e-5),
-    ("cnn", "dropout", ".5", 0.5),
-    ("dataset", "deadline_s", "1.5e3", 1500.0),
-    ("train", "resume", "true", True),
-    ("split", "group_near_duplicates", "false", False),
-    ("evaluate", "external_path", '"1e3"', "1e3"),  # quoted: stays text
-    ("dataset", "path", "'007'", "007"),
-    ("cnn", "filters", "[16, 32]", [16, 32]),
-    ("cnn", "filters", "\n  - 16\n  - 32", [16, 32]),
-])
+@pytest.mark.parametrize(
+    ("section", "key", "raw", "expected"),
+    [
+        ("cnn", "learning_rate", "1e-05", 1e-5),  # what DVC writes for -S cnn.learning_rate=1e-5
+        ("cnn", "learning_rate", "1e-5", 1e-5),
+        ("cnn", "dropout", ".5", 0.5),
+        ("dataset", "deadline_s", "1.5e3", 1500.0),
+        ("train", "resume", "true", True),
+        ("split", "group_near_duplicates", "false", False),
+        ("evaluate", "external_path", '"1e3"', "1e3"),  # quoted: stays text
+        ("dataset", "path", "'007'", "007"),
+        ("cnn", "filters", "[16, 32]", [16, 32]),
+        ("cnn", "filters", "\n  - 16\n  - 32", [16, 32]),
+    ],
+)
 def test_values_are_read_as_dvc_writes_them(tmp_path: Path, section: str, key: str, raw: str, expected) -> None:
     path = tmp_path / "params.yaml"
     path.write_text(params_text(section, key, raw))
@@ -258,14 +268,26 @@ def test_invalid_yaml_is_one_line_with_the_place(tmp_path: Path, text: str) -> N
 
 # --- dataset: download bounds ----------------------------------------------------------------------
 
+
 def test_download_bounds_default_in_the_committed_file() -> None:
     dataset = load(ROOT / "params.yaml")["dataset"]
     assert dataset["deadline_s"] == 3600 and dataset["min_rate_kbps"] == 1 and dataset["timeout_s"] == 30
 
 
-@pytest.mark.parametrize(("key", "raw"), [("timeout_s", ".inf"), ("timeout_s", "1e300"), ("timeout_s", ".nan"),
-                                          ("timeout_s", "3601"), ("timeout_s", "0"), ("deadline_s", ".inf"),
-                                          ("deadline_s", "0"), ("min_rate_kbps", "-1"), ("min_rate_kbps", ".inf")])
+@pytest.mark.parametrize(
+    ("key", "raw"),
+    [
+        ("timeout_s", ".inf"),
+        ("timeout_s", "1e300"),
+        ("timeout_s", ".nan"),
+        ("timeout_s", "3601"),
+        ("timeout_s", "0"),
+        ("deadline_s", ".inf"),
+        ("deadline_s", "0"),
+        ("min_rate_kbps", "-1"),
+        ("min_rate_kbps", ".inf"),
+    ],
+)
 def test_unbounded_download_times_are_one_line_errors(tmp_path: Path, key: str, raw: str) -> None:
     path = tmp_path / "params.yaml"
     path.write_text(params_text("dataset", key, raw))

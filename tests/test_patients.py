@@ -12,38 +12,57 @@ import pytest
 from kneexray.patients import audit_patient_table, check_labels, find_table, read_table, who_category
 
 
-@pytest.mark.parametrize("t_score, category", [
-    (1.2, "normal"),
-    (0.0, "normal"),
-    (-1.0, "normal"),  # the normal threshold is inclusive
-    (-1.01, "osteopenia"),
-    (-1.8, "osteopenia"),
-    (-2.49, "osteopenia"),
-    (-2.5, "osteoporosis"),  # the osteoporosis threshold is inclusive too
-    (-4.1, "osteoporosis"),
-    (float("nan"), None),
-    (None, None),
-])
+@pytest.mark.parametrize(
+    "t_score, category",
+    [
+        (1.2, "normal"),
+        (0.0, "normal"),
+        (-1.0, "normal"),  # the normal threshold is inclusive
+        (-1.01, "osteopenia"),
+        (-1.8, "osteopenia"),
+        (-2.49, "osteopenia"),
+        (-2.5, "osteoporosis"),  # the osteoporosis threshold is inclusive too
+        (-4.1, "osteoporosis"),
+        (float("nan"), None),
+        (None, None),
+    ],
+)
 def test_who_category(t_score, category) -> None:
     assert who_category(t_score) == category
 
 
 # One image per row; OP2 is filed under osteopenia but its T-score (-3.1) and the table's diagnosis
 # say osteoporosis. OS9 has no row.
-TABLE = pd.DataFrame({
-    "S.No": [1, 2, 3, 4, 5, 6],
-    "Patient Id": ["N1", "N2", "OP1", "OP2", "OS1", "OS2"],
-    "Age": [55, 61, 63, 70, 72, 68],
-    "T-score Value": [-0.5, 0.3, -1.8, -3.1, -2.5, -2.9],
-    "Diagnosis": ["normal", "normal", "osteopenia", "osteoporosis", "osteoporosis", "osteoporosis"],
-})
-INDEX = pd.DataFrame({
-    "source": ["normal/N1.jpg", "normal/N2.JPEG", "osteopenia/OP1.jpg", "osteopenia/OP2.jpg",
-               "osteoporosis/OS1.jpg", "osteoporosis/sub/OS2.jpg", "osteoporosis/OS9.jpg"],
-    "label": ["normal", "normal", "osteopenia", "osteopenia", "osteoporosis", "osteoporosis", "osteoporosis"],
-})
-WRONG = {"source": "osteopenia/OP2.jpg", "label": "osteopenia", "t_score": -3.1,
-         "who_category": "osteoporosis", "table_diagnosis": "osteoporosis"}
+TABLE = pd.DataFrame(
+    {
+        "S.No": [1, 2, 3, 4, 5, 6],
+        "Patient Id": ["N1", "N2", "OP1", "OP2", "OS1", "OS2"],
+        "Age": [55, 61, 63, 70, 72, 68],
+        "T-score Value": [-0.5, 0.3, -1.8, -3.1, -2.5, -2.9],
+        "Diagnosis": ["normal", "normal", "osteopenia", "osteoporosis", "osteoporosis", "osteoporosis"],
+    }
+)
+INDEX = pd.DataFrame(
+    {
+        "source": [
+            "normal/N1.jpg",
+            "normal/N2.JPEG",
+            "osteopenia/OP1.jpg",
+            "osteopenia/OP2.jpg",
+            "osteoporosis/OS1.jpg",
+            "osteoporosis/sub/OS2.jpg",
+            "osteoporosis/OS9.jpg",
+        ],
+        "label": ["normal", "normal", "osteopenia", "osteopenia", "osteoporosis", "osteoporosis", "osteoporosis"],
+    }
+)
+WRONG = {
+    "source": "osteopenia/OP2.jpg",
+    "label": "osteopenia",
+    "t_score": -3.1,
+    "who_category": "osteoporosis",
+    "table_diagnosis": "osteoporosis",
+}
 
 
 def read_table_from(frame: pd.DataFrame) -> pd.DataFrame:
@@ -91,8 +110,9 @@ def test_xlsx_table_as_published(tmp_path: Path) -> None:
 
 
 def test_diagnosis_disagreeing_with_the_label_is_reported_even_if_t_score_agrees() -> None:
-    table = read_table_from(TABLE.assign(Diagnosis=["osteopenia", "normal", "osteopenia", "osteopenia",
-                                                    "osteoporosis", "osteoporosis"]))
+    table = read_table_from(
+        TABLE.assign(Diagnosis=["osteopenia", "normal", "osteopenia", "osteopenia", "osteoporosis", "osteoporosis"])
+    )
     result = check_labels(INDEX, table)
     sources = [d["source"] for d in result["disagreements"]]
     assert sources == ["normal/N1.jpg", "osteopenia/OP2.jpg"]
@@ -149,10 +169,18 @@ def test_table_without_the_needed_columns(tmp_path: Path) -> None:
 def test_images_of_one_patient_share_a_group():
     from kneexray.patients import merge_patient_groups
 
-    index = pd.DataFrame({
-        "source": ["normal/P1.jpg", "osteopenia/P1.png", "osteopenia/P2.jpg", "osteoporosis/P3.jpg", "osteoporosis/P2.jpg"],
-        "group": [0, 1, 2, 3, 4],
-    })
+    index = pd.DataFrame(
+        {
+            "source": [
+                "normal/P1.jpg",
+                "osteopenia/P1.png",
+                "osteopenia/P2.jpg",
+                "osteoporosis/P3.jpg",
+                "osteoporosis/P2.jpg",
+            ],
+            "group": [0, 1, 2, 3, 4],
+        }
+    )
     groups = merge_patient_groups(index)
     assert groups[0] == groups[1]  # P1 twice
     assert groups[2] == groups[4]  # P2 twice

@@ -27,7 +27,7 @@ def _inner_names(path: Path) -> tuple[list[str], zipfile.ZipFile]:
 def _central_mean(image: Image.Image) -> float:
     grey = np.asarray(image.convert("L"), dtype=np.float64) / 255
     h, w = grey.shape
-    return float(grey[3 * h // 10: 7 * h // 10, 3 * w // 10: 7 * w // 10].mean())
+    return float(grey[3 * h // 10 : 7 * h // 10, 3 * w // 10 : 7 * w // 10].mean())
 
 
 def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path: Path) -> None:
@@ -45,8 +45,11 @@ def test_archive_is_nested_like_the_published_dataset(tmp_path: Path) -> None:
     # 12 x (0.15, 0.64, 0.21) = 1.8, 7.68, 2.52: floors 1, 7, 2, the two spare images go to the largest remainders
     assert counts == {"normal": 2, "osteopenia": 8, "osteoporosis": 2}
     names, inner = _inner_names(target)
-    expected = [f"Knee-X-ray/{cls}/{prefix}{i}.jpg"
-                for cls, prefix in zip(CLASSES, ("N", "OP", "OS")) for i in range(1, counts[cls] + 1)]
+    expected = [
+        f"Knee-X-ray/{cls}/{prefix}{i}.jpg"
+        for cls, prefix in zip(CLASSES, ("N", "OP", "OS"))
+        for i in range(1, counts[cls] + 1)
+    ]
     assert names == expected
     for info in inner.infolist():
         assert info.date_time == (1980, 1, 1, 0, 0, 0)
@@ -68,21 +71,28 @@ def test_labels_use_largest_remainder_and_a_seeded_order() -> None:
     assert labels != sorted(labels, key=CLASSES.index)  # shuffled, not grouped by class
 
 
-@pytest.mark.parametrize("fractions, message", [
-    ({"normal": 0.2, "osteopenia": 0.5, "osteoporosis": 0.2}, "sum to 1"),
-    ({"normal": 0.0, "osteopenia": 0.8, "osteoporosis": 0.2}, "> 0"),
-    ({"normal": -0.1, "osteopenia": 0.9, "osteoporosis": 0.2}, "> 0"),
-    ({"normal": 0.5, "osteopenia": 0.5}, "keys"),
-    ({"normal": 0.2, "osteopenia": 0.5, "osteoporosis": 0.2, "other": 0.1}, "keys"),
-])
+@pytest.mark.parametrize(
+    "fractions, message",
+    [
+        ({"normal": 0.2, "osteopenia": 0.5, "osteoporosis": 0.2}, "sum to 1"),
+        ({"normal": 0.0, "osteopenia": 0.8, "osteoporosis": 0.2}, "> 0"),
+        ({"normal": -0.1, "osteopenia": 0.9, "osteoporosis": 0.2}, "> 0"),
+        ({"normal": 0.5, "osteopenia": 0.5}, "keys"),
+        ({"normal": 0.2, "osteopenia": 0.5, "osteoporosis": 0.2, "other": 0.1}, "keys"),
+    ],
+)
 def test_invalid_fractions_are_rejected(fractions: dict[str, float], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         phantom_labels(10, fractions, seed=0)
 
 
 def test_bone_intensity_follows_the_class_at_difficulty_0() -> None:
-    means = {c: np.mean([_central_mean(render_knee(np.random.default_rng([0, i]), c, size=64, difficulty=0.0))
-                         for i in range(20)]) for c in CLASSES}
+    means = {
+        c: np.mean(
+            [_central_mean(render_knee(np.random.default_rng([0, i]), c, size=64, difficulty=0.0)) for i in range(20)]
+        )
+        for c in CLASSES
+    }
     assert means["normal"] > means["osteopenia"] > means["osteoporosis"]
 
 
@@ -96,8 +106,11 @@ def test_nuisances_vary_but_do_not_depend_on_the_class() -> None:
     seen = []
     for i in range(30):
         # The same generator state under each label: size and colour mode must not change with it.
-        variants = {(img.size, img.mode) for c in CLASSES
-                    for img in [render_knee(np.random.default_rng([1, i]), c, size=40, difficulty=0.0)]}
+        variants = {
+            (img.size, img.mode)
+            for c in CLASSES
+            for img in [render_knee(np.random.default_rng([1, i]), c, size=40, difficulty=0.0)]
+        }
         assert len(variants) == 1
         seen.append(variants.pop())
     sizes, modes = {s for s, _ in seen}, {m for _, m in seen}
@@ -107,13 +120,16 @@ def test_nuisances_vary_but_do_not_depend_on_the_class() -> None:
     assert all(32 <= side <= 50 for size in sizes for side in size)  # 0.8 to 1.25 x 40
 
 
-@pytest.mark.parametrize("override, name", [
-    ({"n_images": 2}, "n_images"),
-    ({"difficulty": 1.5}, "difficulty"),
-    ({"difficulty": float("nan")}, "difficulty"),
-    ({"size": 16}, "size"),
-    ({"class_fractions": {"normal": 1.0}}, "class_fractions"),
-])
+@pytest.mark.parametrize(
+    "override, name",
+    [
+        ({"n_images": 2}, "n_images"),
+        ({"difficulty": 1.5}, "difficulty"),
+        ({"difficulty": float("nan")}, "difficulty"),
+        ({"size": 16}, "size"),
+        ({"class_fractions": {"normal": 1.0}}, "class_fractions"),
+    ],
+)
 def test_invalid_archive_params_name_the_parameter(tmp_path: Path, override: dict, name: str) -> None:
     with pytest.raises(ValueError, match=name):
         write_phantom_archive(tmp_path / "p.zip", **{**SMALL, **override})
@@ -132,8 +148,9 @@ def test_invalid_render_params_name_the_parameter() -> None:
 
 @pytest.mark.parametrize("existing", [False, True])
 @pytest.mark.parametrize("stage", ["render", "outer zip"])
-def test_a_failure_while_writing_leaves_the_target_untouched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                             existing: bool, stage: str) -> None:
+def test_a_failure_while_writing_leaves_the_target_untouched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, existing: bool, stage: str
+) -> None:
     target = tmp_path / "phantom.zip"
     if existing:
         target.write_bytes(b"previous archive")

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import yaml
-
 from conftest import run
 
 pytestmark = pytest.mark.slow
@@ -26,11 +25,20 @@ def test_dvc_pipeline_end_to_end(project):
     assert {"chance", "majority", "thumbnail_logistic"} <= set(metrics["baselines"])
     for model in ("cnn", "resnet"):
         versus = metrics[model]["vs_best_baseline"]
-        assert versus["baseline"] in metrics["baselines"] and versus["low"] <= versus["macro_f1_difference"] <= versus["high"]
+        assert (
+            versus["baseline"] in metrics["baselines"]
+            and versus["low"] <= versus["macro_f1_difference"] <= versus["high"]
+        )
         assert metrics[model]["folds"] == 2 and isinstance(metrics[model]["no_skill"], bool)
     assert "Baselines on the same test images" in (project / "reports/README.md").read_text()
-    for output in ("models/cnn.keras", "models/resnet.keras", "reports/figures/cnn_confusion.png",
-                   "reports/README.md", "reports/eval/cnn/predictions.csv", "reports/train/cnn/metrics.json"):
+    for output in (
+        "models/cnn.keras",
+        "models/resnet.keras",
+        "reports/figures/cnn_confusion.png",
+        "reports/README.md",
+        "reports/eval/cnn/predictions.csv",
+        "reports/train/cnn/metrics.json",
+    ):
         assert (project / output).is_file(), output
     # DVC owns every output; nothing stray is left in data/ (the extract scratch folder is gone)
     assert sorted(p.name for p in (project / "data").iterdir()) == [".gitignore", "extracted", "raw", "split"]
@@ -66,8 +74,13 @@ def test_dvc_pipeline_end_to_end(project):
 
     run(["dvc", "plots", "show", "-o", "dvc_plots"], project)
     html = (project / "dvc_plots/index.html").read_text()
-    for plot_id in ("Confusion matrix (test)", "Training accuracy", "Training loss", "ROC curves (test, one vs rest)",
-                    "Reliability diagram (test)"):
+    for plot_id in (
+        "Confusion matrix (test)",
+        "Training accuracy",
+        "Training loss",
+        "ROC curves (test, one vs rest)",
+        "Reliability diagram (test)",
+    ):
         assert plot_id in html, plot_id
     assert "osteoporosis" in html  # class names, not numbers, in the confusion data
     assert "cnn_confusion.png" in html

@@ -31,11 +31,18 @@ from kneexray.training import load_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
-METADATA = {"model": "cnn", "classes": list(CLASSES), "image_size": SIZE,
-            "weights_source": "none (trained from scratch)",
-            "input": "greyscale uint8 pixels, resized to image_size x image_size, fed as float32 in [0, 255]",
-            "preprocessing": "in-model: Rescaling(1/255)", "epochs_run": 6, "train_images": 240,
-            "kneexray_version": __version__}
+METADATA = {
+    "model": "cnn",
+    "classes": list(CLASSES),
+    "image_size": SIZE,
+    "data": {"source": "path"},
+    "weights_source": "none (trained from scratch)",
+    "input": "greyscale uint8 pixels, resized to image_size x image_size, fed as float32 in [0, 255]",
+    "preprocessing": "in-model: Rescaling(1/255)",
+    "epochs_run": 6,
+    "train_images": 240,
+    "kneexray_version": __version__,
+}
 
 
 def blob_images(n: int, seed: int, side: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
@@ -46,7 +53,7 @@ def blob_images(n: int, seed: int, side: int = SIZE) -> tuple[np.ndarray, np.nda
     blob = side // 4
     for i in np.flatnonzero(y):
         r, c = rng.integers(0, side // 2 - blob + 1, 2)
-        x[i, r:r + blob, c:c + blob] = rng.integers(200, 256, (blob, blob))
+        x[i, r : r + blob, c : c + blob] = rng.integers(200, 256, (blob, blob))
     return x, y
 
 
@@ -74,9 +81,15 @@ def full_range_image(seed: int, side: int = 48) -> np.ndarray:
     return np.round((image - image.min()) / (image.max() - image.min()) * 255).astype(np.uint8)
 
 
-def write_dicom(path: Path, stored: np.ndarray, *, photometric: str = "MONOCHROME2",
-                window: tuple[float, float] | None = (255.5, 511), slope: float = 0.5,
-                intercept: float = -50.0) -> None:
+def write_dicom(
+    path: Path,
+    stored: np.ndarray,
+    *,
+    photometric: str = "MONOCHROME2",
+    window: tuple[float, float] | None = (255.5, 511),
+    slope: float = 0.5,
+    intercept: float = -50.0,
+) -> None:
     """A DX-like DICOM of uint16 stored values (several frames when `stored` is 3-D)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image, for presentation
@@ -120,6 +133,7 @@ def inputs(tmp_path_factory) -> Path:
 
 # --- DICOM -------------------------------------------------------------------------------------
 
+
 def test_dicom_rescale_window_photometric_and_frames(tmp_path):
     pixels = full_range_image(seed=1)
     write_dicom(tmp_path / "m2.dcm", as_dicom_values(pixels))
@@ -154,13 +168,18 @@ def test_broken_dicoms_are_image_errors(tmp_path):
     ds.save_as(tmp_path / "empty.dcm")
     (tmp_path / "truncated.dcm").write_bytes(good[:-1000])
     (tmp_path / "text.dcm").write_bytes(b"hello")
-    for name, reason in [("text.dcm", "not a readable DICOM"), ("truncated.dcm", "undecodable DICOM pixel data"),
-                         ("empty.dcm", "without pixel data"), ("rgb.dcm", "only greyscale")]:
+    for name, reason in [
+        ("text.dcm", "not a readable DICOM"),
+        ("truncated.dcm", "undecodable DICOM pixel data"),
+        ("empty.dcm", "without pixel data"),
+        ("rgb.dcm", "only greyscale"),
+    ]:
         with pytest.raises(ImageError, match=reason):
             read_dicom_grey(tmp_path / name)
 
 
 # --- predict -----------------------------------------------------------------------------------
+
 
 def test_collect_inputs_walks_folders_sorted(tmp_path):
     for name in ("b/z.PNG", "b/c/y.dcm", "a.jpg", "b/.x.png", "b/notes.txt", "export"):
@@ -217,22 +236,34 @@ def test_model_without_metadata_is_a_clear_error(trained, inputs, tmp_path, caps
 
 
 def test_writers(tmp_path):
-    rows = [{"path": "a.png", "predicted": "normal",
-             "probabilities": {"normal": 0.7, "osteopenia": 0.2, "osteoporosis": 0.1}},
-            {"path": "b.png", "error": "empty file"}]
+    rows = [
+        {
+            "path": "a.png",
+            "predicted": "normal",
+            "probabilities": {"normal": 0.7, "osteopenia": 0.2, "osteoporosis": 0.1},
+        },
+        {"path": "b.png", "error": "empty file"},
+    ]
     write_csv(rows, tmp_path / "p.csv")
     write_json(rows, tmp_path / "p.json")
     with open(tmp_path / "p.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert list(table[0]) == ["path", "predicted", "p_normal", "p_osteopenia", "p_osteoporosis", "error"]
     assert table[0]["p_normal"] == "0.700000" and table[0]["error"] == ""
-    assert table[1] == {"path": "b.png", "predicted": "", "p_normal": "", "p_osteopenia": "", "p_osteoporosis": "",
-                        "error": "empty file"}
+    assert table[1] == {
+        "path": "b.png",
+        "predicted": "",
+        "p_normal": "",
+        "p_osteopenia": "",
+        "p_osteoporosis": "",
+        "error": "empty file",
+    }
     assert json.loads((tmp_path / "p.json").read_text()) == rows
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.csv", "p.json"]  # no temporary files left
 
 
 # --- Grad-CAM ----------------------------------------------------------------------------------
+
 
 def _check_heatmap(heatmap: np.ndarray, size: int) -> None:
     assert heatmap.shape == (size, size)
@@ -283,7 +314,7 @@ def test_gradcam_finds_the_square_that_carries_the_class(trained):
     x, y = blob_images(40, seed=1)
     assert (trained.predict(x[..., None].astype("float32"), verbose=0).argmax(axis=1) == y).mean() >= 0.95
     heatmaps = GradCam(trained)(x[y == 1], [1] * int(y.sum()))
-    in_quadrant = heatmaps[:, :SIZE // 2, :SIZE // 2].sum(axis=(1, 2)) / heatmaps.sum(axis=(1, 2))
+    in_quadrant = heatmaps[:, : SIZE // 2, : SIZE // 2].sum(axis=(1, 2)) / heatmaps.sum(axis=(1, 2))
     assert in_quadrant.mean() > 0.5 and np.median(in_quadrant) > 0.5  # a quarter if spread evenly
 
 
@@ -316,11 +347,31 @@ def test_pick_examples_and_grid(trained):
 
 # --- command line ------------------------------------------------------------------------------
 
+
 def test_cli_predict_folder_to_csv_with_explanations(model_path, inputs, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    result = subprocess.run([sys.executable, "-m", "kneexray", "predict", str(inputs), "--model", str(model_path),
-                             "--csv", "out/predictions.csv", "--explain", "explain", "--batch-size", "3"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kneexray",
+            "predict",
+            str(inputs),
+            "--model",
+            str(model_path),
+            "--csv",
+            "out/predictions.csv",
+            "--explain",
+            "explain",
+            "--batch-size",
+            "3",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith(str(inputs))]
     assert len(errors) == 1 and errors[0].startswith(f"{inputs / 'broken.png'}: ")
@@ -331,7 +382,12 @@ def test_cli_predict_folder_to_csv_with_explanations(model_path, inputs, tmp_pat
     assert sum(float(rows["knee.png"][f"p_{c}"]) for c in CLASSES) == pytest.approx(1.0, abs=1e-5)
     # knee.png and dicom/knee.dcm share a stem: the second one gets a number, neither is overwritten
     assert sorted(p.name for p in (tmp_path / "explain").iterdir()) == [
-        "knee16_gradcam.png", "knee_2_gradcam.png", "knee_gradcam.png", "knee_jpeg_gradcam.png", "knee_m1_gradcam.png"]
+        "knee16_gradcam.png",
+        "knee_2_gradcam.png",
+        "knee_gradcam.png",
+        "knee_jpeg_gradcam.png",
+        "knee_m1_gradcam.png",
+    ]
 
 
 def test_cli_table_json_and_exit_codes(model_path, inputs, tmp_path, capsys):

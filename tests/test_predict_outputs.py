@@ -22,7 +22,13 @@ from kneexray.predict import predict_files, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
-METADATA = {"model": "cnn", "classes": list(CLASSES), "image_size": SIZE, "kneexray_version": __version__}
+METADATA = {
+    "model": "cnn",
+    "classes": list(CLASSES),
+    "image_size": SIZE,
+    "data": {"source": "path"},
+    "kneexray_version": __version__,
+}
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
@@ -53,8 +59,14 @@ def our_lines(stderr: str) -> list[str]:
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kneexray", "predict", *args], cwd=cwd, env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "kneexray", "predict", *args],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_csv_onto_a_folder_is_refused_and_the_folder_survives(model_path, tmp_path):
@@ -90,8 +102,10 @@ def test_dot_or_slash_target_keeps_the_folder(model_path, tmp_path, monkeypatch,
 
 def test_inputs_sharing_a_name_each_get_their_own_explanation(model_path, tmp_path):
     # c/knee_2.png already owns the name "knee_2" that b/knee.png would have been given
-    inputs = [knee_png(tmp_path / "in" / name, seed) for seed, name in
-              enumerate(["a/knee.png", "b/knee.jpg", "c/knee_2.png", "d/Knee.png"])]
+    inputs = [
+        knee_png(tmp_path / "in" / name, seed)
+        for seed, name in enumerate(["a/knee.png", "b/knee.jpg", "c/knee_2.png", "d/Knee.png"])
+    ]
     out = tmp_path / "explain"
     rows = predict_files(model_path, [tmp_path / "in"], explain_dir=out)
     written = [Path(r["explanation"]).name for r in rows]
@@ -104,16 +118,23 @@ def test_inputs_sharing_a_name_each_get_their_own_explanation(model_path, tmp_pa
 
 
 def test_formula_like_cells_are_escaped(tmp_path):
-    rows = [{"path": '=HYPERLINK("http://evil.example","x").png', "error": "not a recognised image format"},
-            {"path": "+1.png", "error": "-oops"},
-            {"path": "@SUM(A1).png", "predicted": "normal", "probabilities": {"normal": 1.0}},
-            {"path": "-2.png", "error": "x"},
-            {"path": "plain/knee.png", "predicted": "normal", "probabilities": {"normal": 1.0}}]
+    rows = [
+        {"path": '=HYPERLINK("http://evil.example","x").png', "error": "not a recognised image format"},
+        {"path": "+1.png", "error": "-oops"},
+        {"path": "@SUM(A1).png", "predicted": "normal", "probabilities": {"normal": 1.0}},
+        {"path": "-2.png", "error": "x"},
+        {"path": "plain/knee.png", "predicted": "normal", "probabilities": {"normal": 1.0}},
+    ]
     write_csv(rows, tmp_path / "p.csv")
     with open(tmp_path / "p.csv", newline="") as f:
         got = list(csv.DictReader(f))
-    assert [r["path"] for r in got] == ['\'=HYPERLINK("http://evil.example","x").png', "'+1.png", "'@SUM(A1).png",
-                                        "'-2.png", "plain/knee.png"]
+    assert [r["path"] for r in got] == [
+        '\'=HYPERLINK("http://evil.example","x").png',
+        "'+1.png",
+        "'@SUM(A1).png",
+        "'-2.png",
+        "plain/knee.png",
+    ]
     assert got[1]["error"] == "'-oops"
     assert got[2]["p_normal"] == "1.000000"
 
@@ -121,8 +142,7 @@ def test_formula_like_cells_are_escaped(tmp_path):
 def test_formula_named_input_through_the_cli(model_path, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     knee_png(tmp_path / '=HYPERLINK("evil.example","x").png')
-    assert main(["predict", '=HYPERLINK("evil.example","x").png', "--model", str(model_path),
-                 "--csv", "p.csv"]) == 0
+    assert main(["predict", '=HYPERLINK("evil.example","x").png', "--model", str(model_path), "--csv", "p.csv"]) == 0
     with open(tmp_path / "p.csv", newline="") as f:
         (row,) = csv.DictReader(f)
     assert row["path"] == '\'=HYPERLINK("evil.example","x").png' and row["predicted"] in CLASSES
@@ -134,8 +154,9 @@ def test_fifo_input_is_skipped_not_waited_for(model_path, tmp_path):
     os.mkfifo(fifo)
     image = knee_png(tmp_path / "knee.png")
     try:
-        result = run_cli(str(fifo), str(image), "--model", str(model_path), "--json", "out.json", cwd=tmp_path,
-                         timeout=120)
+        result = run_cli(
+            str(fifo), str(image), "--model", str(model_path), "--json", "out.json", cwd=tmp_path, timeout=120
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("predict waited on a FIFO")
     assert result.returncode == 0, result.stderr

@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import ROOT
 
 from kneexray.extraction import FINGERPRINTS_FILE, INDEX_FILE, extract_dataset
@@ -23,8 +22,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 import real_data  # noqa: E402  (packs the folder as the published nested ZIP)
 
 REAL = ROOT.parent / "shared" / "data" / "knee-xray-mendeley"
-pytestmark = [pytest.mark.realdata,
-              pytest.mark.skipif(not (REAL / "normal").is_dir(), reason=f"real data not at {REAL}")]
+pytestmark = [
+    pytest.mark.realdata,
+    pytest.mark.skipif(not (REAL / "normal").is_dir(), reason=f"real data not at {REAL}"),
+]
 
 
 def test_extract_and_split_on_the_real_archive(tmp_path):
@@ -43,9 +44,16 @@ def test_extract_and_split_on_the_real_archive(tmp_path):
 
     index = pd.read_csv(out / INDEX_FILE)
     cfg = params["split"]
-    splits = split_index(index, test_ratio=cfg["test_ratio"], val_ratio=cfg["val_ratio"], seed=cfg["seed"],
-                         group_near_duplicates=cfg["group_near_duplicates"])
+    splits = split_index(
+        index,
+        test_ratio=cfg["test_ratio"],
+        val_ratio=cfg["val_ratio"],
+        seed=cfg["seed"],
+        group_near_duplicates=cfg["group_near_duplicates"],
+    )
     check_leakage(splits, index, np.load(out / FINGERPRINTS_FILE), params["extract"]["near_duplicate_distance"])
-    assert split_counts(splits) == {"train": {"normal": 21, "osteopenia": 99, "osteoporosis": 31},
-                                    "val": {"normal": 3, "osteopenia": 10, "osteoporosis": 4},
-                                    "test": {"normal": 6, "osteopenia": 28, "osteoporosis": 8}}
+    assert split_counts(splits) == {
+        "train": {"normal": 21, "osteopenia": 99, "osteoporosis": 31},
+        "val": {"normal": 3, "osteopenia": 10, "osteoporosis": 4},
+        "test": {"normal": 6, "osteopenia": 28, "osteoporosis": 8},
+    }

@@ -14,8 +14,9 @@ def _index(n: int, leak: bool, seed: int = 0) -> pd.DataFrame:
         width = [1000 + 500 * CLASSES.index(lab) for lab in labels]
     else:
         width = rng.choice([1000, 1500, 2000], n).tolist()
-    return pd.DataFrame({"path": [f"img{i}.jpg" for i in range(n)], "label": labels, "width": width,
-                         "height": 1200, "mode": "L"})
+    return pd.DataFrame(
+        {"path": [f"img{i}.jpg" for i in range(n)], "label": labels, "width": width, "height": 1200, "mode": "L"}
+    )
 
 
 def test_metadata_only_classifier_finds_a_size_shortcut():
@@ -29,11 +30,22 @@ def test_metadata_only_classifier_is_near_chance_without_one():
 
 
 def test_largest_stratum_scores_only_that_stratum():
-    index = pd.DataFrame({"path": list("abcdef"), "width": [10, 10, 10, 10, 20, 20], "height": 5,
-                          "mode": ["L"] * 4 + ["RGB"] * 2, "label": ["normal"] * 6})
-    predictions = pd.DataFrame({"path": list("abcdef"),
-                                "actual": ["normal", "osteopenia", "osteoporosis", "normal", "normal", "normal"],
-                                "predicted": ["normal", "osteopenia", "normal", "normal", "osteopenia", "osteopenia"]})
+    index = pd.DataFrame(
+        {
+            "path": list("abcdef"),
+            "width": [10, 10, 10, 10, 20, 20],
+            "height": 5,
+            "mode": ["L"] * 4 + ["RGB"] * 2,
+            "label": ["normal"] * 6,
+        }
+    )
+    predictions = pd.DataFrame(
+        {
+            "path": list("abcdef"),
+            "actual": ["normal", "osteopenia", "osteoporosis", "normal", "normal", "normal"],
+            "predicted": ["normal", "osteopenia", "normal", "normal", "osteopenia", "osteopenia"],
+        }
+    )
     scores = largest_stratum_scores(index, predictions)
     assert scores["stratum"] == "10x5 L" and scores["n"] == 4
     assert scores["accuracy"] == 0.75  # a, b, d right; c wrong; e and f are outside the stratum

@@ -8,8 +8,7 @@ import pytest
 
 from kneexray import CLASSES
 from kneexray.fingerprint import CROP_FRACTIONS, group_near_duplicates, pairwise_distance
-from kneexray.splitting import (SPLITS, LeakageError, SplitError, check_leakage, leaking_pairs, split_counts,
-                                split_index)
+from kneexray.splitting import SPLITS, LeakageError, SplitError, check_leakage, leaking_pairs, split_counts, split_index
 
 THRESHOLD = 0.006
 
@@ -123,6 +122,7 @@ def test_class_too_small_for_the_validation_split() -> None:
 
 # ---- leakage ------------------------------------------------------------------------------------
 
+
 def random_prints(n: int, seed: int = 0) -> np.ndarray:
     """Unrelated fingerprints (unit vectors, zero mean), one per image."""
     rng = np.random.default_rng(seed)
@@ -181,12 +181,12 @@ def test_leakage_error_is_a_split_error() -> None:
 
 def test_leaking_pairs_ignores_pairs_in_one_split_and_unknown_paths() -> None:
     index = pd.DataFrame({"path": ["a", "b", "c", "d"], "label": ["normal"] * 4, "group": [0, 1, 2, 3]})
-    dist = np.array([[0, 0.001, 0.5, 0.001],
-                     [0.001, 0, 0.5, 0.5],
-                     [0.5, 0.5, 0, 0.004],
-                     [0.001, 0.5, 0.004, 0]])
-    splits = {"train": pd.DataFrame({"path": ["a", "b"]}), "val": pd.DataFrame({"path": ["c"]}),
-              "test": pd.DataFrame({"path": []})}
+    dist = np.array([[0, 0.001, 0.5, 0.001], [0.001, 0, 0.5, 0.5], [0.5, 0.5, 0, 0.004], [0.001, 0.5, 0.004, 0]])
+    splits = {
+        "train": pd.DataFrame({"path": ["a", "b"]}),
+        "val": pd.DataFrame({"path": ["c"]}),
+        "test": pd.DataFrame({"path": []}),
+    }
     # a~b share train; a~d and c~d involve d, which is in no split; nothing leaks
     assert leaking_pairs(splits, dist, index, THRESHOLD) == []
     splits["test"] = pd.DataFrame({"path": ["d"]})

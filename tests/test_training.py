@@ -66,7 +66,10 @@ def test_training_is_deterministic(tiny, tiny_split, tmp_path):
 
 def test_resnet_loads_a_local_weights_file(tiny, tiny_split, tmp_path):
     reference, _ = resnet_base(32, weights="file", weights_path=_make_weights(tmp_path))
-    params = {**tiny, "resnet": {**tiny["resnet"], "weights": "file", "weights_path": str(tmp_path / "base.weights.h5")}}
+    params = {
+        **tiny,
+        "resnet": {**tiny["resnet"], "weights": "file", "weights_path": str(tmp_path / "base.weights.h5")},
+    }
     result = _train("resnet", params, tiny_split, tmp_path)
     assert result.metadata["weights_source"] == "file:base.weights.h5"
     base = result.model.get_layer(RESNET_BASE_NAME)
@@ -107,13 +110,20 @@ def test_cnn_is_cheap_compared_with_the_original_head():
     model = build_cnn(224, filters=[16, 32, 64, 128, 256], dense_units=128, dropout=0.3)
     assert model.count_params() < 1_000_000  # the original's Flatten->Dense(256) head alone had 25.7 M
     # conv1 at stride 2: 112*112*16 outputs x 9 taps x 1 channel x 2
-    assert forward_flops(build_cnn(224, filters=[16], dense_units=1, dropout=0)) == 2 * 112 * 112 * 16 * 9 + 2 * 16 + 2 * 3
+    assert (
+        forward_flops(build_cnn(224, filters=[16], dense_units=1, dropout=0)) == 2 * 112 * 112 * 16 * 9 + 2 * 16 + 2 * 3
+    )
 
 
 def test_resnet_fine_tuning_unfreezes_the_top_layers(tiny, tiny_split, tmp_path):
     _make_weights(tmp_path)
-    resnet = {**tiny["resnet"], "weights": "file", "weights_path": str(tmp_path / "base.weights.h5"),
-              "fine_tune_layers": 8, "fine_tune_epochs": 1}  # the top 8 hold conv5_block3_3_conv
+    resnet = {
+        **tiny["resnet"],
+        "weights": "file",
+        "weights_path": str(tmp_path / "base.weights.h5"),
+        "fine_tune_layers": 8,
+        "fine_tune_epochs": 1,
+    }  # the top 8 hold conv5_block3_3_conv
     params = {**tiny, "resnet": resnet, "train": {**tiny["train"], "patience": 5}}
     result = _train("resnet", params, tiny_split, tmp_path)
     assert result.epochs_run == tiny["resnet"]["epochs"] + 1
@@ -145,7 +155,11 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(tiny, tiny_split, tmp_path
 
     # per-replica batch 4: the 9 validation images still make one full batch of 2 x 4
     params = {**tiny, "train": {**tiny["train"], "strategy": "mirrored"}, "image": {**tiny["image"], "batch_size": 4}}
-    out = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT, json.dumps(params), str(tiny_split), str(tmp_path / "live")],
-                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    out = subprocess.run(
+        [sys.executable, "-c", MIRRORED_SCRIPT, json.dumps(params), str(tiny_split), str(tmp_path / "live")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"replicas": 2, "epochs": tiny["cnn"]["epochs"]}
