@@ -1,6 +1,7 @@
 # make help:       this list.
 # make repro:      set up (once) and run the DVC pipeline.
 # make test:       set up (once) and run the test suite.
+# make test-fast:  the tests without the DVC end-to-end ones (marked slow).
 # make lint:       ruff (lint, import order, format check) and mypy, configured in pyproject.toml.
 # make setup:      .venv from requirements.txt, and the page template that makes `dvc plots show` render
 #                  offline (vega, vega-lite, vega-embed from the vl-convert-python wheel, inlined; Python only).
@@ -13,7 +14,7 @@ PLOTS_TEMPLATE := build/dvc_plots_template.html
 export PATH := $(abspath $(BIN)):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: help setup repro test lint clean-venv
+.PHONY: help setup repro test test-fast lint clean-venv
 
 help:
 	@sed -n 's/^# make /make /p' Makefile
@@ -36,6 +37,9 @@ repro: setup
 
 test: setup
 	$(BIN)/python -m pytest --durations=15
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" --durations=15
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -18,6 +18,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from kneexray import __version__  # noqa: E402
+from kneexray.errors import MissingInputError
 from kneexray.stage import USER_ERRORS  # noqa: E402
 
 log = logging.getLogger("kneexray")
@@ -91,7 +92,7 @@ def format_table(rows: list[dict]) -> str:
 
 def _predict(args: argparse.Namespace) -> int:
     if not args.model.is_file():  # said before TensorFlow takes seconds to load
-        raise FileNotFoundError(f"{args.model}: no such model file")
+        raise MissingInputError(f"{args.model}: no such model file")
     from kneexray.atomic import check_file_target
 
     for option, target in (("--csv", args.csv), ("--json", args.json)):
@@ -130,7 +131,7 @@ def warn_about_training_data(metadata: dict) -> None:
         print("warning: this model file does not say what data it was trained on", file=sys.stderr)
 
 
-HANDLED: tuple[type[BaseException], ...] = (*USER_ERRORS, OSError)  # a missing or unreadable model file too
+HANDLED = USER_ERRORS  # ours, and a missing or unreadable file
 
 
 def main(argv: list[str] | None = None) -> int:

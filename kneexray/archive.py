@@ -21,6 +21,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kneexray.errors import KneexrayError
+
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
@@ -34,7 +36,7 @@ _IGNORED_DIRS = ("__macosx",)  # macOS resource-fork junk; never data
 _CORRUPT = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, NotImplementedError, ValueError)
 
 
-class ArchiveError(ValueError):
+class ArchiveError(KneexrayError, ValueError):
     """A hostile, corrupt or unexpected archive; the message is one line naming the entry."""
 
 

@@ -12,8 +12,10 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from kneexray.errors import KneexrayError
 
-class OutputIsDirectoryError(ValueError):
+
+class OutputIsDirectoryError(KneexrayError, ValueError):
     """A file was to be written where a folder is: refused, since the rename would delete the folder."""
 
 

@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from kneexray.atomic import write_bytes
+from kneexray.errors import KneexrayError
 
 log = logging.getLogger("kneexray.browser")
 
@@ -61,7 +62,7 @@ def find_chromium() -> str | None:
     return None
 
 
-class BrowserError(RuntimeError):
+class BrowserError(KneexrayError, RuntimeError):
     pass
 
 

@@ -17,6 +17,7 @@ from PIL import Image
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+from kneexray.errors import InputError
 from kneexray.images import ImageError, read_capped
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def _display_grey(ds: pydicom.Dataset, max_pixels: int) -> Image.Image:
         ds.pixel_array_options(index=0)  # decode only the first frame of a multi-frame file
         stored = ds.pixel_array
         if stored.shape != (rows, columns):
-            raise ValueError(f"decoded shape {stored.shape}, expected ({rows}, {columns})")
+            raise InputError(f"decoded shape {stored.shape}, expected ({rows}, {columns})")
         values = apply_modality_lut(stored, ds).astype(np.float64)
         if "WindowCenter" in ds and "WindowWidth" in ds:
             # prefer_lut=False: a VOI LUT sequence has its own output range; the window's is

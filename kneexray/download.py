@@ -28,6 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from kneexray import __version__
+from kneexray.errors import KneexrayError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ _MAX_TIMEOUT = 3600.0  # socket timeouts beyond this are a typo, and inf overflo
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header, or an empty archive's end record
 
 
-class DownloadError(RuntimeError):
+class DownloadError(KneexrayError, RuntimeError):
     """A download failed; the message is a single human-readable line."""
 
 

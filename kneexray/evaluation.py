@@ -12,6 +12,7 @@ import pandas as pd
 
 from kneexray import CLASSES, baselines
 from kneexray.atomic import atomic_path, write_json
+from kneexray.errors import MissingInputError
 from kneexray.inputs import label_indices, load_images, make_dataset, read_split
 from kneexray.layout import CLINICAL_FILE, FINGERPRINTS_FILE, INDEX_FILE
 from kneexray.metrics import chance_summary, evaluate_predictions, paired_difference
@@ -125,7 +126,7 @@ def prepare_external(
     """
     from kneexray.archive import ExtractLimits, extract_nested, find_class_dirs
     from kneexray.curation import curate
-    from kneexray.fingerprint import cross_distance
+    from kneexray.fingerprint import nearest_distance
 
     source = Path(path).expanduser()
     if source.is_file():
@@ -137,7 +138,7 @@ def prepare_external(
         extract_nested(source, scratch / "unpacked", limits)
         source = scratch / "unpacked"
     elif not source.is_dir():
-        raise FileNotFoundError(f"evaluate.external_path: {path} does not exist (a ZIP or a folder laid out by class)")
+        raise MissingInputError(f"evaluate.external_path: {path} does not exist (a ZIP or a folder laid out by class)")
     curated = curate(
         find_class_dirs(source, CLASSES),
         scratch / "images",
@@ -146,10 +147,7 @@ def prepare_external(
         near_duplicate_distance=extract_cfg["near_duplicate_distance"],
         keep_conflicts=False,
     )
-    copies = (
-        cross_distance(curated.fingerprints, train_prints).min(axis=1, initial=np.inf)
-        <= extract_cfg["near_duplicate_distance"]
-    )
+    copies = nearest_distance(curated.fingerprints, train_prints) <= extract_cfg["near_duplicate_distance"]
     rows = curated.index.loc[~copies, ["path", "label"]].reset_index(drop=True)
     audit = {
         "files_seen": curated.audit["files_seen"],

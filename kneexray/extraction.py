@@ -17,6 +17,7 @@ from kneexray.archive import ExtractLimits, extract_nested, find_class_dirs
 from kneexray.atomic import atomic_path, write_json
 from kneexray.audit_pairs import draw_pairs, flagged_pairs
 from kneexray.curation import curate
+from kneexray.errors import InputError
 from kneexray.layout import CLINICAL_FILE, FINGERPRINTS_FILE, IMAGES_DIR, INDEX_FILE
 from kneexray.patients import audit_patient_table, clinical_table, merge_patient_groups
 
@@ -116,7 +117,7 @@ def extract_dataset(
                 keep_conflicts=cfg["keep_conflicts"],
             )
             if curated.index.empty:
-                raise ValueError(f"{archive}: no usable images in the class folders")
+                raise InputError(f"{archive}: no usable images in the class folders")
             audit = {**curated.audit, "patient_table": audit_patient_table(unpacked, curated.index)}
             if audit["patient_table"].get("found"):
                 curated.index["group"] = merge_patient_groups(curated.index)

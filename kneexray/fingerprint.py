@@ -47,8 +47,43 @@ def cross_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def pairwise_distance(prints: np.ndarray) -> np.ndarray:
-    """(n, n) distances within one set of fingerprints."""
+    """(n, n) distances within one set of fingerprints (small sets: n x n x crops floats in memory)."""
     return cross_distance(prints, prints)
+
+
+BLOCK_BYTES = 2**28  # the working memory of one block of comparisons: 256 MiB
+
+
+def _row_blocks(n_a: int, n_b: int):
+    rows = max(1, BLOCK_BYTES // (max(1, n_b) * len(CROP_FRACTIONS) * 8 * 2))
+    for start in range(0, n_a, rows):
+        yield start, min(n_a, start + rows)
+
+
+def close_pairs(a: np.ndarray, b: np.ndarray | None, threshold: float) -> list[tuple[int, int, float]]:
+    """(i, j, distance) for every pair at or under `threshold`, computed in blocks of rows so that
+    memory stays bounded whatever the number of images (cross_distance of all pairs at once took
+    120 GB at 50,000 images). With b None, pairs within a, each once (i < j)."""
+    same = b is None
+    other = a if b is None else b
+    pairs = []
+    for start, stop in _row_blocks(len(a), len(other)):
+        dist = cross_distance(a[start:stop], other)
+        rows, cols = np.nonzero(dist <= threshold)
+        for r, j in zip(rows, cols):
+            i = start + int(r)
+            if not same or i < j:
+                pairs.append((i, int(j), float(dist[r, j])))
+    return pairs
+
+
+def nearest_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """For each fingerprint of a, its distance to the closest of b (inf when b is empty), blocked."""
+    out = np.full(len(a), np.inf)
+    for start, stop in _row_blocks(len(a), len(b)):
+        if len(b):
+            out[start:stop] = cross_distance(a[start:stop], b).min(axis=1)
+    return out
 
 
 def group_near_duplicates(prints: np.ndarray, threshold: float) -> np.ndarray:
@@ -62,8 +97,7 @@ def group_near_duplicates(prints: np.ndarray, threshold: float) -> np.ndarray:
             i = parent[i]
         return i
 
-    dist = pairwise_distance(prints)
-    for i, j in zip(*np.nonzero(np.triu(dist <= threshold, k=1))):
+    for i, j, _ in close_pairs(prints, None, threshold):
         ri, rj = root(i), root(j)
         if ri != rj:
             parent[max(ri, rj)] = min(ri, rj)

@@ -22,6 +22,7 @@ from PIL import Image
 
 from kneexray import CLASSES
 from kneexray.atomic import write_bytes
+from kneexray.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def _find_target(chain: list[keras.layers.Layer], name: str) -> tuple[keras.laye
         if isinstance(layer, keras.layers.Conv2D):
             target = _block_output(chain)
             return target, target
-    raise ValueError(f"{name}: no Conv2D layer to explain")
+    raise InputError(f"{name}: no Conv2D layer to explain")
 
 
 class GradCam:

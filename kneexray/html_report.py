@@ -26,6 +26,7 @@ from urllib.parse import unquote, urlsplit
 from markdown_it import MarkdownIt
 
 from kneexray.atomic import write_text
+from kneexray.errors import MissingInputError
 
 log = logging.getLogger("kneexray.html_report")
 
@@ -73,7 +74,7 @@ def markdown_to_html(markdown: str, base_dir: str | Path) -> tuple[str, list[Pat
                 target = base_dir / unquote(href)
                 if (mimetypes.guess_type(target.name)[0] or "").startswith("image/"):
                     if not target.is_file():
-                        raise FileNotFoundError(f"{target}: linked from the summary, not found")
+                        raise MissingInputError(f"{target}: linked from the summary, not found")
                     linked.append(target)
                     child.attrSet("href", f"#{_anchor(target)}")
     return md.renderer.render(tokens, md.options, {}), linked

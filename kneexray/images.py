@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from kneexray.errors import KneexrayError
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 # A file is refused before it is read when larger than 4 bytes a pixel (the most PIL stores) for
 # max_pixels, plus room for metadata: reading it would cost more than decoding any allowed image.
@@ -25,7 +27,7 @@ _METADATA_BYTES = 16 * 2**20
 _STRETCHED_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
-class ImageError(ValueError):
+class ImageError(KneexrayError, ValueError):
     """An image can't be used; the message says why in a few words."""
 
 

@@ -18,6 +18,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from kneexray import CLASSES
+from kneexray.errors import InputError
 from kneexray.images import load_grey_array
 from kneexray.layers import RandomScaleBrightness
 
@@ -29,10 +30,10 @@ def read_split(csv_path: str | Path) -> pd.DataFrame:
     frame = pd.read_csv(csv_path)
     missing = {"path", "label"} - set(frame.columns)
     if missing:
-        raise ValueError(f"{csv_path}: missing column(s) {', '.join(sorted(missing))}")
+        raise InputError(f"{csv_path}: missing column(s) {', '.join(sorted(missing))}")
     unknown = set(frame["label"]) - set(CLASSES)
     if unknown:
-        raise ValueError(f"{csv_path}: unknown label(s) {', '.join(sorted(unknown))}; expected {', '.join(CLASSES)}")
+        raise InputError(f"{csv_path}: unknown label(s) {', '.join(sorted(unknown))}; expected {', '.join(CLASSES)}")
     return frame
 
 

@@ -21,11 +21,12 @@ from sklearn.metrics import (
 )
 
 from kneexray import CLASSES
+from kneexray.errors import KneexrayError
 
 LABELS = list(range(len(CLASSES)))
 
 
-class MetricsError(ValueError):
+class MetricsError(KneexrayError, ValueError):
     """The predictions can't support the asked-for metric (e.g. one class only)."""
 
 

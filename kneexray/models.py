@@ -12,6 +12,7 @@ from pathlib import Path
 import keras
 
 from kneexray import CLASSES
+from kneexray.errors import KneexrayError, MissingInputError
 from kneexray.layers import CaffePreprocess, GreyToRGB
 
 log = logging.getLogger(__name__)
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 RESNET_BASE_NAME = "resnet50"
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(KneexrayError, RuntimeError):
     """ImageNet weights were required but could not be had."""
 
 
@@ -72,7 +73,7 @@ def resnet_base(size: int, *, weights: str, weights_path: str = "", required: bo
         base = keras.applications.ResNet50(include_top=False, weights=None, input_shape=shape, pooling="avg")
         path = Path(weights_path)
         if not path.is_file():
-            raise FileNotFoundError(f"resnet.weights_path: {path} does not exist")
+            raise MissingInputError(f"resnet.weights_path: {path} does not exist")
         base.load_weights(path)
         source = f"file:{path.name}"
     else:

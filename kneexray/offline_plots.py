@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from kneexray.atomic import write_text
+from kneexray.errors import InputError, MissingInputError
 
 log = logging.getLogger("kneexray.offline_plots")
 
@@ -79,7 +80,7 @@ def vega_lite_version(available: list[str], major: int = VEGA_LITE_MAJOR) -> str
     """The newest of vl-convert's Vega-Lite versions ("5.21", ...) with that major version."""
     matching = [v for v in available if v.split(".")[0] == str(major)]
     if not matching:
-        raise ValueError(f"vl-convert ships no Vega-Lite {major}.x (it has {', '.join(available)})")
+        raise InputError(f"vl-convert ships no Vega-Lite {major}.x (it has {', '.join(available)})")
     return max(matching, key=lambda v: tuple(int(part) for part in v.split(".")))
 
 
@@ -88,7 +89,7 @@ def bundle() -> tuple[dict[str, str], str]:
     try:
         import vl_convert
     except ImportError as err:
-        raise FileNotFoundError(
+        raise MissingInputError(
             "vl-convert-python is not installed (pip install -r requirements.txt, or `make setup`)"
         ) from err
     vl_version = vega_lite_version(vl_convert.get_vegalite_versions())
@@ -105,12 +106,12 @@ def inline_script(label: str, source: str) -> str:
     """An inline <script> element holding `source`, made safe to put in the page and for DVC to fill."""
     for placeholder in DVC_PLACEHOLDERS:
         if placeholder in source:  # DVC would replace it inside the JavaScript
-            raise ValueError(f"{label} contains DVC's placeholder {placeholder}; it cannot be inlined")
+            raise InputError(f"{label} contains DVC's placeholder {placeholder}; it cannot be inlined")
     if "<!--" in source:  # would switch the HTML parser into its escaped script state
-        raise ValueError(f"{label} contains '<!--'; it cannot be inlined safely")
+        raise InputError(f"{label} contains '<!--'; it cannot be inlined safely")
     for name in GLOBALS:
         if f"window.{name}=" not in source.replace(" ", ""):
-            raise ValueError(f"{label} does not set the global {name}, which DVC's pages need")
+            raise InputError(f"{label} does not set the global {name}, which DVC's pages need")
     # "</script" would end the element early; "<\/script" means the same inside strings and regexes.
     source = source.replace("</script", "<\\/script").replace("</SCRIPT", "<\\/SCRIPT")
     return f"    <script>/* {label} */\n{source}\n{CANVAS_DEFAULT}\n    </script>"

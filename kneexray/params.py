@@ -14,9 +14,10 @@ from typing import Any
 from ruamel.yaml import YAML, YAMLError
 
 from kneexray import CLASSES
+from kneexray.errors import KneexrayError
 
 
-class ParamsError(ValueError):
+class ParamsError(KneexrayError, ValueError):
     """A params.yaml value is missing, unknown or out of range."""
 
 

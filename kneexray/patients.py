@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from kneexray.errors import InputError
+
 log = logging.getLogger(__name__)
 
 TABLE_SUFFIXES = (".xlsx", ".xls", ".csv")
@@ -51,7 +53,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
     pid = _column(frame, "patientid", "id")
     tsc = _column(frame, "tscorevalue", "tscore")
     if pid is None or tsc is None:
-        raise ValueError(
+        raise InputError(
             f"{path.name}: no 'Patient Id' and 'T-score' columns (found: {', '.join(map(str, frame.columns))})"
         )
     diag = _column(frame, "diagnosis")

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from kneexray import CLASSES
 from kneexray.atomic import atomic_path, stable_zip_entry
+from kneexray.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -193,15 +194,15 @@ def _trabeculae(rng: np.random.Generator, nu: _Nuisance, scale: float, bmd: floa
 
 def _check_params(size: int, difficulty: float) -> None:
     if size < 32:
-        raise ValueError(f"size must be >= 32, got {size}")
+        raise InputError(f"size must be >= 32, got {size}")
     if not 0 <= difficulty <= 1:  # also rejects NaN
-        raise ValueError(f"difficulty must be in [0, 1], got {difficulty}")
+        raise InputError(f"difficulty must be in [0, 1], got {difficulty}")
 
 
 def render_knee(rng: np.random.Generator, label: str, *, size: int = 256, difficulty: float = 0.5) -> Image.Image:
     """One synthetic AP knee radiograph of class `label`, mode "L" or "RGB", sides 0.8-1.25 x `size`."""
     if label not in CLASSES:
-        raise ValueError(f"label must be one of {', '.join(CLASSES)}, got {label!r}")
+        raise InputError(f"label must be one of {', '.join(CLASSES)}, got {label!r}")
     _check_params(size, difficulty)
     nu = _draw_nuisance(rng, size)
     bmd = _draw_bmd(rng, label, difficulty)
@@ -268,16 +269,16 @@ def render_knee(rng: np.random.Generator, label: str, *, size: int = 256, diffic
 def phantom_labels(n_images: int, class_fractions: dict[str, float], seed: int) -> list[str]:
     """Exactly apportioned labels (largest remainder), in an order shuffled by `seed`."""
     if set(class_fractions) != set(CLASSES):
-        raise ValueError(
+        raise InputError(
             f"class_fractions must have exactly the keys {', '.join(CLASSES)}, got {sorted(class_fractions)}"
         )
     fractions = [float(class_fractions[c]) for c in CLASSES]
     if any(not f > 0 for f in fractions):  # also rejects NaN
-        raise ValueError(f"class_fractions must all be > 0, got {class_fractions}")
+        raise InputError(f"class_fractions must all be > 0, got {class_fractions}")
     if abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError(f"class_fractions must sum to 1, they sum to {sum(fractions):g}")
+        raise InputError(f"class_fractions must sum to 1, they sum to {sum(fractions):g}")
     if n_images < 0:
-        raise ValueError(f"n_images must be >= 0, got {n_images}")
+        raise InputError(f"n_images must be >= 0, got {n_images}")
     quotas = [n_images * f for f in fractions]
     counts = [math.floor(q) for q in quotas]
     # Ties go to the class listed first in CLASSES.
@@ -304,7 +305,7 @@ def write_phantom_archive(
     The bytes depend only on the arguments (fixed timestamps, sorted entries, per-image seeds).
     """
     if n_images < len(CLASSES):
-        raise ValueError(f"n_images must be >= {len(CLASSES)} (one per class), got {n_images}")
+        raise InputError(f"n_images must be >= {len(CLASSES)} (one per class), got {n_images}")
     _check_params(size, difficulty)
     labels = phantom_labels(n_images, class_fractions, seed)
 

@@ -20,6 +20,7 @@ import seaborn as sns  # noqa: E402
 
 from kneexray import CLASSES  # noqa: E402
 from kneexray.atomic import atomic_path, write_text  # noqa: E402
+from kneexray.errors import MissingInputError
 
 PNG_METADATA = {"Software": "kneexray"}
 MODEL_TITLES = {"cnn": "Custom CNN", "resnet": "ResNet50 transfer"}
@@ -40,7 +41,7 @@ def read_history(live_dir: str | Path) -> pd.DataFrame:
             part = pd.read_csv(tsv, sep="\t")[["step", tsv.stem]].rename(columns={tsv.stem: prefix + tsv.stem})
             frame = part if frame is None else frame.merge(part, on="step", how="outer")
     if frame is None:
-        raise FileNotFoundError(f"{live_dir}: no DVCLive metrics (was the model trained?)")
+        raise MissingInputError(f"{live_dir}: no DVCLive metrics (was the model trained?)")
     return frame.sort_values("step").reset_index(drop=True)
 
 

@@ -22,6 +22,7 @@ from PIL import Image
 
 from kneexray import atomic
 from kneexray.dicom import DICOM_SUFFIXES, is_dicom, read_dicom_grey
+from kneexray.errors import InputError
 from kneexray.evaluation import predict_proba
 from kneexray.gradcam import GradCam, save_explanation
 from kneexray.images import IMAGE_SUFFIXES, ImageError, load_grey_array
@@ -136,7 +137,7 @@ def predict_files(
     model, metadata = load_model(model_path)
     classes, size = list(metadata["classes"]), int(metadata["image_size"])
     if model.output_shape[-1] != len(classes):
-        raise ValueError(
+        raise InputError(
             f"{model_path}: the model has {model.output_shape[-1]} outputs but its metadata "
             f"names {len(classes)} classes"
         )

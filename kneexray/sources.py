@@ -13,7 +13,8 @@ from pathlib import Path
 
 from kneexray.archive import walk_tree
 from kneexray.atomic import atomic_path, stable_zip_entry
-from kneexray.download import DownloadError, download, sha256_file
+from kneexray.download import download, sha256_file
+from kneexray.errors import InputError, MissingInputError
 from kneexray.phantom import write_phantom_archive
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,9 @@ def _pack_folder(folder: Path, out_zip: Path) -> None:
 
 def _copy_zip(source: Path, out_zip: Path, sha256: str) -> None:
     if not zipfile.is_zipfile(source):
-        raise ValueError(f"dataset.path: {source} is neither a folder nor a ZIP archive")
+        raise InputError(f"dataset.path: {source} is neither a folder nor a ZIP archive")
     if sha256 and sha256_file(source).lower() != sha256.lower():
-        raise ValueError(f"dataset.path: {source} does not match dataset.sha256")
+        raise InputError(f"dataset.path: {source} does not match dataset.sha256")
     with atomic_path(out_zip, kind="file") as tmp:
         shutil.copyfile(source, tmp)
 
@@ -63,21 +64,18 @@ def fetch(params: dict, out_zip: str | Path) -> dict:
         )
         log.info("phantom: %s", counts)
     elif source == "url":
-        try:
-            # require_zip: an HTML error page must fail here, not be cached by DVC as the dataset
-            download(
-                cfg["url"],
-                out_zip,
-                sha256=cfg["sha256"] or None,
-                max_bytes=cfg["max_download_mb"] * 2**20,
-                timeout=cfg["timeout_s"],
-                retries=cfg["retries"],
-                deadline=cfg["deadline_s"],
-                min_rate_kbps=cfg["min_rate_kbps"],
-                require_zip=True,
-            )
-        except DownloadError as err:
-            raise RuntimeError(str(err)) from None
+        # require_zip: an HTML error page must fail here, not be cached by DVC as the dataset
+        download(
+            cfg["url"],
+            out_zip,
+            sha256=cfg["sha256"] or None,
+            max_bytes=cfg["max_download_mb"] * 2**20,
+            timeout=cfg["timeout_s"],
+            retries=cfg["retries"],
+            deadline=cfg["deadline_s"],
+            min_rate_kbps=cfg["min_rate_kbps"],
+            require_zip=True,
+        )
     else:
         path = Path(cfg["path"]).expanduser()
         if path.is_dir():
@@ -85,5 +83,5 @@ def fetch(params: dict, out_zip: str | Path) -> dict:
         elif path.is_file():
             _copy_zip(path, out_zip, cfg["sha256"])
         else:
-            raise FileNotFoundError(f"dataset.path: {path} does not exist (a ZIP or a folder laid out by class)")
+            raise MissingInputError(f"dataset.path: {path} does not exist (a ZIP or a folder laid out by class)")
     return {"source": source, "bytes": out_zip.stat().st_size, "sha256": sha256_file(out_zip)}

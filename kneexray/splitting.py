@@ -7,11 +7,12 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from kneexray import CLASSES
+from kneexray.errors import KneexrayError
 
 SPLITS = ("train", "val", "test")
 
 
-class SplitError(ValueError):
+class SplitError(KneexrayError, ValueError):
     """The data can't be split as asked (a class too small, say)."""
 
 
@@ -46,15 +47,20 @@ def split_index(
 def leaking_pairs(
     splits: dict[str, pd.DataFrame], distance: np.ndarray, index: pd.DataFrame, threshold: float
 ) -> list[tuple[str, str, float]]:
-    """Pairs of (near-)copies, by fingerprint distance, that sit in different splits."""
+    """Pairs of (near-)copies, by a full distance matrix, that sit in different splits."""
+    close = [(int(i), int(j), float(distance[i, j])) for i, j in zip(*np.nonzero(np.triu(distance <= threshold, k=1)))]
+    return _straddling(splits, index, close)
+
+
+def _straddling(splits: dict[str, pd.DataFrame], index: pd.DataFrame, close: list[tuple[int, int, float]]):
+    """The (path, path, distance) of the close pairs (index rows i, j) whose images sit in different splits."""
     where = {path: name for name, part in splits.items() for path in part["path"]}
     paths = index["path"].tolist()
-    pairs = []
-    for i, j in zip(*np.nonzero(np.triu(distance <= threshold, k=1))):
-        a, b = where.get(paths[i]), where.get(paths[j])
-        if a and b and a != b:
-            pairs.append((paths[i], paths[j], float(distance[i, j])))
-    return pairs
+    return [
+        (paths[i], paths[j], d)
+        for i, j, d in close
+        if where.get(paths[i]) and where.get(paths[j]) and where[paths[i]] != where[paths[j]]
+    ]
 
 
 def split_counts(splits: dict[str, pd.DataFrame]) -> dict[str, dict[str, int]]:
@@ -68,9 +74,9 @@ class LeakageError(SplitError):
 def check_leakage(
     splits: dict[str, pd.DataFrame], index: pd.DataFrame, fingerprints: np.ndarray, threshold: float
 ) -> None:
-    from kneexray.fingerprint import pairwise_distance
+    from kneexray.fingerprint import close_pairs
 
-    pairs = leaking_pairs(splits, pairwise_distance(fingerprints), index, threshold)
+    pairs = _straddling(splits, index, close_pairs(fingerprints, None, threshold))  # blocked: bounded memory
     if pairs:
         shown = "; ".join(f"{a} ~ {b} (distance {d:.4f})" for a, b, d in pairs[:5])
         raise LeakageError(

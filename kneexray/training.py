@@ -26,6 +26,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from kneexray import CLASSES, __version__
 from kneexray.atomic import atomic_path, stable_zip_entry
+from kneexray.errors import InputError
 from kneexray.inputs import build_augmenter, label_indices, load_images, make_dataset, read_split
 from kneexray.layers import CaffePreprocess, GreyToRGB
 from kneexray.models import (
@@ -702,11 +703,11 @@ def read_metadata(path: str | Path) -> dict:
         with zipfile.ZipFile(path) as archive:
             return json.loads(archive.read(META_ENTRY))
     except KeyError:
-        raise ValueError(
+        raise InputError(
             f"{path}: a Keras model without kneexray metadata (classes, image size); train it with this pipeline"
         ) from None
     except zipfile.BadZipFile:
-        raise ValueError(f"{path}: not a .keras model file") from None
+        raise InputError(f"{path}: not a .keras model file") from None
 
 
 def load_model(path: str | Path) -> tuple[keras.Model, dict]:

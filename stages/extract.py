@@ -1,5 +1,7 @@
 """extract: unpack nested ZIPs safely, keep usable de-duplicated images, write the index and audit."""
 
+import kneexray.portable  # noqa: F401, I001  first, before numpy: the same bytes on any x86-64 CPU
+
 import argparse
 
 from kneexray import stage

@@ -1,5 +1,7 @@
 """fetch: obtain the raw dataset archive (phantom, URL or local path) as one ZIP."""
 
+import kneexray.portable  # noqa: F401, I001  first, before numpy: the same bytes on any x86-64 CPU
+
 import argparse
 
 from kneexray import sources, stage

@@ -1,5 +1,7 @@
 """split: stratified train/val/test lists by near-duplicate group, then a leakage check."""
 
+import kneexray.portable  # noqa: F401, I001  first, before numpy: the same bytes on any x86-64 CPU
+
 import argparse
 from pathlib import Path
 

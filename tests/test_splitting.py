@@ -192,3 +192,23 @@ def test_leaking_pairs_ignores_pairs_in_one_split_and_unknown_paths() -> None:
     splits["test"] = pd.DataFrame({"path": ["d"]})
     assert leaking_pairs(splits, dist, index, THRESHOLD) == [("a", "d", 0.001), ("c", "d", 0.004)]
     assert leaking_pairs(splits, dist, index, 0.002) == [("a", "d", 0.001)]
+
+
+def test_blocked_comparisons_find_the_same_pairs_as_the_full_matrix(monkeypatch) -> None:
+    from kneexray import fingerprint as fp
+
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(40, len(CROP_FRACTIONS), 64))
+    base[10] = base[3] + rng.normal(scale=0.01, size=base[3].shape)  # near copies
+    base[25] = base[3]
+    base[30] = base[7] + rng.normal(scale=0.02, size=base[7].shape)
+    prints = (base / np.linalg.norm(base, axis=2, keepdims=True)).astype(np.float32)
+    dense = pairwise_distance(prints)
+    threshold = float(np.sort(dense[np.triu_indices(40, 1)])[5])  # the six closest pairs
+    expected = sorted((int(i), int(j)) for i, j in zip(*np.nonzero(np.triu(dense <= threshold, k=1))))
+    monkeypatch.setattr(fp, "BLOCK_BYTES", 3 * 40 * len(CROP_FRACTIONS) * 8 * 2)  # blocks of 3 rows
+    assert sorted((i, j) for i, j, _ in fp.close_pairs(prints, None, threshold)) == expected
+    np.testing.assert_allclose(fp.nearest_distance(prints[:7], prints[7:]), dense[:7, 7:].min(axis=1))
+    assert np.isinf(fp.nearest_distance(prints[:2], prints[:0])).all()
+    groups = group_near_duplicates(prints, threshold)
+    assert groups[3] == groups[10] == groups[25] and groups[7] == groups[30] and groups[3] != groups[7]
