@@ -1,6 +1,6 @@
 """The data audit of the real images, and how much visible signal they carry.
 
-    python bench/audit_real_data.py [--data ../shared/data/knee-xray-mendeley]
+    python -m bench.audit_real_data [--data DIR]   (default: bench.REAL_DATA, $KNEEXRAY_REAL_DATA)
 
 Curates the real data exactly as the extract stage does (copies kept once, near-duplicates
 grouped, label conflicts dropped, labels checked against the patient table's T-scores) and
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -27,14 +26,12 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from kneexray import CLASSES  # noqa: E402
-from kneexray.curation import curate  # noqa: E402
-from kneexray.extraction import audit_counts  # noqa: E402
-from kneexray.images import load_grey_array  # noqa: E402
-from kneexray.patients import audit_patient_table  # noqa: E402
+from bench import REAL_DATA
+from kneexray import CLASSES
+from kneexray.curation import curate
+from kneexray.extraction import audit_counts
+from kneexray.images import load_grey_array
+from kneexray.patients import audit_patient_table
 
 
 def probes(pixels: np.ndarray, index: pd.DataFrame) -> dict[str, np.ndarray]:
@@ -77,7 +74,7 @@ def cv_macro_f1(features: np.ndarray, labels: np.ndarray) -> tuple[float, float]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(ROOT.parent / "shared/data/knee-xray-mendeley"))
+    parser.add_argument("--data", default=str(REAL_DATA))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         curated = curate(

@@ -1,7 +1,7 @@
 """The original notebook's method, re-implemented in Keras 3, as the baseline our pipeline is measured against.
 
-    python bench/baseline_notebook.py --train-list train.csv --test-list test.csv [--out JSON]
-    python bench/baseline_notebook.py --data ../shared/data/knee-xray-mendeley [--limit 30 --epochs-cnn 1 ...]
+    python -m bench.baseline_notebook --train-list train.csv --test-list test.csv [--out JSON]
+    python -m bench.baseline_notebook --data DIR [--limit 30 --epochs-cnn 1 ...]
 
 With --train-list/--test-list (CSV files with `path,label` columns, paths to the original JPEGs) the
 caller chooses the images, so both methods can be scored on the same test images
@@ -64,11 +64,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from kneexray import CLASSES  # noqa: E402
+from bench import ROOT
+from kneexray import CLASSES
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -165,11 +162,6 @@ def notebook_folders(train_items, test_items, parent: str | Path | None = None):
         yield scratch / "train", scratch / "test", test_copies
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def label_indices(labels) -> np.ndarray:
-    index = {name: i for i, name in enumerate(CLASSES)}
-    return np.array([index[label] for label in labels], dtype=np.int64)
 
 
 def notebook_metrics(y_true, proba) -> dict:
@@ -387,6 +379,8 @@ def notebook_datasets(train_dir: Path, size: int, seed: int):
     import tensorflow as tf
     from sklearn.utils.class_weight import compute_class_weight
 
+    from kneexray.inputs import label_indices  # imports TensorFlow: here, not at module level
+
     train_raw, val_raw = _from_directory(
         train_dir, size, validation_split=NOTEBOOK["validation_split"], subset="both", seed=seed, shuffle=True
     )
@@ -427,6 +421,8 @@ def run_baseline(
 ) -> dict:
     """Train and test the notebook's models; metrics and probabilities in the order of test_items."""
     import keras
+
+    from kneexray.inputs import label_indices
 
     epochs = {**{m: NOTEBOOK[m]["epochs"] for m in MODEL_NAMES}, **(epochs or {})}
     y_test = label_indices([label for _, label in test_items])

@@ -1,7 +1,7 @@
 """Our pipeline against the original notebook's method, in one run, on the same machine and test images.
 
-    python bench/compare_baseline.py                      # the real data, full settings (long: tens of minutes)
-    python bench/compare_baseline.py --limit 30 --epochs 1 --image-size 64   # smoke test, a few minutes
+    python -m bench.compare_baseline                 # the real data, full settings (long: tens of minutes)
+    python -m bench.compare_baseline --limit 30 --epochs 1 --image-size 64   # smoke test, a few minutes
 
 1. OURS: the real data is packed as the published nested ZIP, served on 127.0.0.1 and run through
    `dvc exp run -S dataset.source=url ...` in a scratch clone of this repository, as
@@ -14,7 +14,7 @@
 3. Both sets of test probabilities are scored by the same code (kneexray.metrics.evaluate_predictions
    plus a bootstrap CI of the osteoporosis recall; a paired bootstrap CI of the macro-F1 difference).
 
-Time and memory: each method runs under a fresh wrapper process (`compare_baseline.py _measure`), so
+Time and memory: each method runs under a fresh wrapper process (`python -m bench.compare_baseline _measure`), so
 its figures are its own. Wall time is the command's end to end (ours: every DVC stage from download
 to plots; baseline: copying into class folders, training and testing both models). Memory is
 reported two ways, and the table uses the first:
@@ -45,17 +45,10 @@ import time
 import zipfile
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-sys.path.insert(0, str(BENCH))
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import baseline_notebook as baseline  # noqa: E402
-import real_data  # noqa: E402
-
-from kneexray import CLASSES  # noqa: E402
-from kneexray.plots import format_with_ci  # noqa: E402
+from bench import REAL_DATA, ROOT, real_data
+from bench import baseline_notebook as baseline
+from kneexray import CLASSES
+from kneexray.plots import format_with_ci
 
 MODELS = ("cnn", "resnet")
 MODEL_TITLES = {"cnn": "CNN", "resnet": "ResNet50"}
@@ -68,14 +61,14 @@ COMPARED_PATHS = ("kneexray", "stages", "dvc.yaml", "params.yaml", "requirements
 # The measuring wrapper (run as its own process)
 
 
-def _measure_main(out: str, cmd: list[str]) -> int:
-    """Run cmd; write its wall time, CPU time and peak memory to `out`; exit with its status."""
+def _measure_main(out: str, cmd: list[str], cwd: str | None = None) -> int:
+    """Run cmd (in cwd); write its wall time, CPU time and peak memory to `out`; exit with its status."""
     import resource
 
     import psutil
 
     started = time.perf_counter()
-    child = subprocess.Popen(cmd)
+    child = subprocess.Popen(cmd, cwd=cwd)
     root = psutil.Process(child.pid)
     peak_tree = peak_single = samples = 0
     while child.poll() is None:
@@ -118,9 +111,10 @@ def measure(cmd: list[str], *, cwd: Path, env: dict, label: str) -> tuple[dict, 
     fd, out = tempfile.mkstemp(prefix="kneexray-measure-", suffix=".json")
     os.close(fd)
     try:
-        wrapper = [sys.executable, str(Path(__file__).resolve()), "_measure", out, "--", *cmd]
+        # the wrapper runs from ROOT (where `bench` is importable); cmd runs in cwd
+        wrapper = [sys.executable, "-m", "bench.compare_baseline", "_measure", out, "--cwd", str(cwd), "--", *cmd]
         proc = subprocess.Popen(
-            wrapper, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+            wrapper, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         )
         lines = []
         for line in proc.stdout:
@@ -355,15 +349,17 @@ def run_ours(source: Path, scratch: Path, overrides: list[str], env: dict) -> tu
 
 
 def main() -> None:
-    if len(sys.argv) > 2 and sys.argv[1] == "_measure":
+    if len(sys.argv) > 2 and sys.argv[1] == "_measure":  # _measure OUT [--cwd DIR] -- CMD...
         sep = sys.argv.index("--")
-        sys.exit(_measure_main(sys.argv[2], sys.argv[sep + 1 :]))
+        options = sys.argv[3:sep]
+        cwd = options[options.index("--cwd") + 1] if "--cwd" in options else None
+        sys.exit(_measure_main(sys.argv[2], sys.argv[sep + 1 :], cwd))
 
     import pandas as pd
     import yaml
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(ROOT.parent / "shared/data/knee-xray-mendeley"))
+    parser.add_argument("--data", default=str(REAL_DATA))
     parser.add_argument(
         "--limit",
         type=int,
@@ -418,7 +414,9 @@ def main() -> None:
         index = pd.read_csv(repo / "data/extracted/index.csv")
         splits = {name: pd.read_csv(repo / f"data/split/{name}.csv") for name in ("train", "val", "test")}
         test_rows = splits["test"]
-        y_test = baseline.label_indices(test_rows["label"])
+        from kneexray.inputs import label_indices  # imports TensorFlow (in this process only, not measured)
+
+        y_test = label_indices(test_rows["label"])
         proba_ours = {}
         for m in MODELS:
             pred = pd.read_csv(repo / f"reports/eval/{m}/predictions.csv")
@@ -439,7 +437,8 @@ def main() -> None:
             )
         cmd = [
             sys.executable,
-            str(BENCH / "baseline_notebook.py"),
+            "-m",
+            "bench.baseline_notebook",
             "--train-list",
             str(scratch / "baseline_train.csv"),
             "--test-list",

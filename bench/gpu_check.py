@@ -1,6 +1,6 @@
 """Device check: both trainings on a phantom of a few thousand images, with and without mixed precision.
 
-    python bench/gpu_check.py [--images 3000] [--size 224] [--batch 64] [--epochs 4] [--policies ...] [--jit]
+    python -m bench.gpu_check [--images 3000] [--size 224] [--batch 64] [--epochs 4] [--policies ...] [--jit]
 
 Runs the pipeline's own stage scripts (fetch, extract, split once; then `stages.train cnn` and
 `stages.train resnet` once per precision policy) in a scratch folder, and reads each epoch's
@@ -30,7 +30,8 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench import ROOT
+
 EPOCH_LINE = re.compile(r"epoch (\d+): ([\d.]+) s, ([\d.]+) train images/s")
 
 

@@ -1,6 +1,6 @@
 """Near-duplicate distances on the real knee X-rays: why `extract.near_duplicate_distance` is 0.006.
 
-    python bench/near_duplicates.py [--data ../shared/data/knee-xray-mendeley]
+    python -m bench.near_duplicates [--data DIR]   (default: bench.REAL_DATA, $KNEEXRAY_REAL_DATA)
 
 Prints, as JSON: the smallest fingerprint distances between distinct radiographs (different
 bytes), and the largest distance between a radiograph and an edited copy of it (resized, JPEG
@@ -14,17 +14,14 @@ import argparse
 import hashlib
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageEnhance
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from kneexray.fingerprint import fingerprint, pairwise_distance  # noqa: E402
-from kneexray.images import open_image, to_grey  # noqa: E402
+from bench import REAL_DATA
+from kneexray.fingerprint import fingerprint, pairwise_distance
+from kneexray.images import open_image, to_grey
 
 
 def edits(img: Image.Image) -> dict[str, Image.Image]:
@@ -43,7 +40,7 @@ def edits(img: Image.Image) -> dict[str, Image.Image]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(ROOT.parent / "shared/data/knee-xray-mendeley"))
+    parser.add_argument("--data", default=str(REAL_DATA))
     args = parser.parse_args()
     files = sorted(p for p in Path(args.data).glob("*/*") if p.suffix.lower() in (".jpg", ".jpeg"))
     images = [to_grey(open_image(p)) for p in files]

@@ -1,12 +1,13 @@
 """Run the whole pipeline on the real knee X-rays the way a user would, and report what it finds.
 
-It packs ../shared/data/knee-xray-mendeley as the published nested ZIP, serves it over HTTP on
-127.0.0.1, and, in a scratch clone of this repository, queues one experiment per split seed with
+It packs the real data (--data; default bench.REAL_DATA: $KNEEXRAY_REAL_DATA, else
+../shared/data/knee-xray-mendeley) as the published nested ZIP, serves it over HTTP on 127.0.0.1,
+and, in a scratch clone of this repository, queues one experiment per split seed with
 `dvc exp run --queue -S dataset.source=url -S dataset.url=... -S split.seed=S` and runs the queue with
 `dvc queue start`, so fetch, extract, split, both trainings, evaluate and plot all run on real data.
 The data is read from its shared path and never copied into the project.
 
-    python bench/real_data.py [--seeds 42,1,2,3,4] [--train-seeds 42,7] [--jobs 1] [--set key=value ...]
+    python -m bench.real_data [--seeds 42,1,2,3,4] [--train-seeds 42,7] [--jobs 1] [--set key=value ...]
 
 One 42-image test split is noisy, and so is one training run, so every split seed is run with every
 training seed (`-S train.seed=T`). Each model's accuracy, macro-F1, macro-AUC and osteoporosis recall
@@ -37,7 +38,7 @@ import zipfile
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench import REAL_DATA, ROOT
 
 
 def pack_nested_zip(folder: Path, out: Path) -> None:
@@ -84,7 +85,6 @@ def shortcut_check(repo: Path) -> dict:
     """A size-and-mode-only classifier on the same split, and each model within one size/mode stratum."""
     import pandas as pd
 
-    sys.path.insert(0, str(ROOT))
     from kneexray.shortcuts import largest_stratum_scores, metadata_only_macro_f1
 
     index = pd.read_csv(repo / "data/extracted/index.csv")
@@ -242,7 +242,7 @@ def run_queue(repo: Path, overrides: list[str], runs: list[tuple[int, int]], job
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(ROOT.parent / "shared/data/knee-xray-mendeley"))
+    parser.add_argument("--data", default=str(REAL_DATA))
     parser.add_argument(
         "--seeds", default="42,1,2,3,4", help="split seeds, comma-separated; the first is reported in full"
     )

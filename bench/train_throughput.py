@@ -1,6 +1,6 @@
 """Training throughput of both models on this machine, and the share of its compute limit.
 
-    python bench/train_throughput.py [--size 224] [--batch 32] [--steps 6] [--repeats 3]
+    python -m bench.train_throughput [--size 224] [--batch 32] [--steps 6] [--repeats 3]
 
 For each model: images per second of `model.fit` steps on random images (after a warm-up), the
 FLOPs per training image, and their product as a fraction of the float32 matmul rate measured
@@ -15,19 +15,16 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
 
-import keras  # noqa: E402
+import keras  # noqa: E402  (after the log level is set)
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import yaml  # noqa: E402
 
+from bench import ROOT  # noqa: E402
 from kneexray.models import build_cnn, build_resnet, forward_flops, resnet_base  # noqa: E402
 
 

@@ -16,13 +16,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
-
-import baseline_notebook as baseline  # noqa: E402
-import compare_baseline as compare  # noqa: E402
-
-from kneexray import CLASSES  # noqa: E402
+from bench import ROOT
+from bench import baseline_notebook as baseline
+from bench import compare_baseline as compare
+from kneexray import CLASSES
 
 
 def test_baseline_cnn_has_the_notebooks_architecture_and_26m_parameters():
@@ -183,7 +180,8 @@ def test_measure_wrapper_reports_the_childs_own_peak_memory(tmp_path):
     out = tmp_path / "m.json"
     child = "x = bytearray(300 * 2**20); import time; time.sleep(0.5)"
     result = subprocess.run(
-        [sys.executable, str(BENCH / "compare_baseline.py"), "_measure", str(out), "--", sys.executable, "-c", child],
+        [sys.executable, "-m", "bench.compare_baseline", "_measure", str(out), "--", sys.executable, "-c", child],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,

@@ -12,10 +12,8 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "bench"))
-import gpu_check  # noqa: E402
-
-from kneexray.inputs import build_augmenter  # noqa: E402
+from bench import gpu_check
+from kneexray.inputs import build_augmenter
 
 
 def test_epoch_log_lines_parse_and_the_first_epoch_is_left_out():
@@ -50,7 +48,8 @@ def test_device_check_runs_both_trainings_under_two_precision_policies(tmp_path)
     result = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "bench/gpu_check.py"),
+            "-m",
+            "bench.gpu_check",
             "--images",
             "120",
             "--size",
@@ -64,6 +63,7 @@ def test_device_check_runs_both_trainings_under_two_precision_policies(tmp_path)
             "--out",
             str(out),
         ],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,

@@ -9,15 +9,13 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import ROOT, make_project, run, tool_env
 
-sys.path.insert(0, str(ROOT / "bench"))
-import real_data  # noqa: E402  (the queue helpers the real-data benchmark uses)
+from bench import real_data  # the queue helpers the real-data benchmark uses
 
 pytestmark = pytest.mark.slow
 

@@ -7,21 +7,17 @@ absent (`pytest -m realdata` selects only these).
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
 from conftest import ROOT
 
+from bench import REAL_DATA as REAL
+from bench import real_data  # packs the folder as the published nested ZIP
 from kneexray.extraction import FINGERPRINTS_FILE, INDEX_FILE, extract_dataset
 from kneexray.splitting import check_leakage, split_counts, split_index
 
-sys.path.insert(0, str(ROOT / "bench"))
-import real_data  # noqa: E402  (packs the folder as the published nested ZIP)
-
-REAL = ROOT.parent / "shared" / "data" / "knee-xray-mendeley"
 pytestmark = [
     pytest.mark.realdata,
     pytest.mark.skipif(not (REAL / "normal").is_dir(), reason=f"real data not at {REAL}"),
