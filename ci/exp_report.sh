@@ -13,6 +13,14 @@ if [ "${1:-}" = "--" ]; then shift; fi
 
 dvc exp run "$@"
 
+weights_of() {  # the ResNet50's weights_source from a metrics.json on stdin
+    python -c 'import json, sys
+try:
+    print(json.load(sys.stdin)["resnet"]["weights_source"])
+except (ValueError, KeyError):
+    print("unknown")'
+}
+
 section() {  # a heading, then the command's Markdown table, or a line saying nothing changed
     local table
     table="$("${@:2}")"
@@ -25,6 +33,15 @@ trap 'rm -f "$tmp"' EXIT
     printf '## kneexray: this experiment against `%s`\n\n' "$base"
     section "Metrics" dvc metrics diff "$base" --md
     section "Params" dvc params diff "$base" --md
+    # Where CI can download ImageNet weights and the committed run could not (or the reverse), the
+    # ResNet50's figures change with the environment, not the code: say which weights each side had.
+    printf '### ResNet50 weights
+
+'
+    printf -- '- %s: %s
+' "$base" "$(git show "$base:reports/metrics.json" 2>/dev/null | weights_of)"
+    printf -- '- this experiment: %s
+' "$(weights_of <reports/metrics.json)"
 } >"$tmp"
 mv "$tmp" "$report"
 echo "wrote $report"

@@ -139,6 +139,9 @@ def test_ci_report_script_reproduces_and_writes_metrics_and_params_diff(repo):
     assert "reports/metrics.json" in metrics and "cnn." in metrics and "| Path" in metrics
     assert "cnn.learning_rate" in params_part and "0.001" in params_part and "0.01" in params_part
     assert not list(repo.glob("report.md.*"))  # the temporary file was renamed, not left behind
+    # which ResNet50 weights each side had: an environment change must not read as a result
+    weights = report.split("### ResNet50 weights")[1]
+    assert "- main: random" in weights and "- this experiment: random" in weights
 
 
 def test_ci_report_script_fails_loudly_when_the_experiment_fails(repo):
@@ -153,7 +156,11 @@ def test_github_workflow_runs_the_report_script_and_posts_it():
     steps = workflow["jobs"]["reproduce"]["steps"]
     commands = "\n".join(step.get("run", "") for step in steps)
     assert "ci/exp_report.sh" in commands and "-r requirements.txt" in commands
-    assert "gh pr comment" in commands and "--body-file exp_report.md" in commands
+    assert "gh pr comment" in commands and "--body-file exp_report.md" in commands and "--edit-last" in commands
+    post = next(step for step in steps if "gh pr comment" in step.get("run", ""))
+    assert "head.repo.full_name == github.repository" in post["if"]  # forks: read-only token, no comment
+    assert workflow["concurrency"]["cancel-in-progress"] is True
+    assert "make lint" in "\n".join(s.get("run", "") for s in workflow["jobs"]["lint-and-test"]["steps"])
     checkout = next(step for step in steps if step.get("uses", "").startswith("actions/checkout"))
     assert checkout["with"]["fetch-depth"] == 0  # `dvc metrics diff origin/main` needs the base commit
     assert os.access(ROOT / "ci/exp_report.sh", os.X_OK)
