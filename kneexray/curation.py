@@ -16,12 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 from tqdm import tqdm
 
 from kneexray import CLASSES
 from kneexray.archive import walk_tree
+from kneexray.dicom import DICOM_SUFFIXES, is_dicom, read_dicom_grey
 from kneexray.fingerprint import fingerprint, group_near_duplicates
-from kneexray.images import ImageError, ImageInfo, inspect
+from kneexray.images import ImageError, ImageInfo, inspect, read_capped
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +48,28 @@ def _walk(folder: Path) -> list[Path]:
     return sorted(p for p in files if p.is_file())
 
 
+def _is_dicom_file(path: Path) -> bool:
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    with open(path, "rb") as f:  # PACS exports often have no suffix: the preamble says
+        return is_dicom(f.read(132))
+
+
+def _inspect_dicom(path: Path, max_pixels: int, min_side: int) -> tuple[ImageInfo, Image.Image]:
+    data = read_capped(path, max_pixels)
+    img = read_dicom_grey(data, max_pixels=max_pixels)  # as displayed: rescale, window, MONOCHROME1 inverted
+    if min(img.size) < min_side:
+        raise ImageError(f"{img.width}x{img.height} is smaller than the minimum side {min_side}")
+    return ImageInfo(width=img.width, height=img.height, mode="DICOM", sha256=hashlib.sha256(data).hexdigest()), img
+
+
 def _examine(path: Path, max_pixels: int, min_side: int) -> tuple[ImageInfo, np.ndarray]:
     """Decode, describe and fingerprint one file; ImageError (a short reason) if it can't be used."""
     try:
-        info, img = inspect(path, max_pixels=max_pixels, min_side=min_side)
+        if _is_dicom_file(path):
+            info, img = _inspect_dicom(path, max_pixels, min_side)
+        else:
+            info, img = inspect(path, max_pixels=max_pixels, min_side=min_side)
         return info, fingerprint(img)
     except ImageError:
         raise
@@ -147,15 +167,18 @@ def curate(
 
     # Copy the kept originals; names are made unique per class since nested folders are flattened.
     paths, used = [], set()
-    for file, label, source in zip(frame["file"], frame["label"], frame["source"]):
-        name = flat = _flat_name(source.split("/", 1)[1])
+    for file, label, source, mode in zip(frame["file"], frame["label"], frame["source"], frame["mode"]):
+        name = flat = _flat_name(source.split("/", 1)[1]) + (".png" if mode == "DICOM" else "")
         taken = 1
         while f"{label}/{name}" in used:  # "a/b.jpg" and a file named "a__b.jpg" would collide
             taken += 1
             name = f"{Path(flat).stem}~{taken}{Path(flat).suffix}"
         target = out_dir / label / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(file, target)
+        if mode == "DICOM":  # stored as the 8-bit greyscale it displays as, which training and predict read
+            read_dicom_grey(read_capped(file, max_pixels), max_pixels=max_pixels).save(target, format="PNG")
+        else:
+            shutil.copyfile(file, target)
         paths.append(f"{label}/{name}")
         used.add(paths[-1])
     frame["path"] = paths
