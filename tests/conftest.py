@@ -50,6 +50,10 @@ def tiny():
     return tiny_params()
 
 
+# `dvc status` of a reproduced pipeline: the track stage always runs (it hashes inputs outside the repo)
+ALWAYS_CHANGED = {"track": ["always changed"]}
+
+
 def tool_env() -> dict:
     """The environment for `dvc` and the stage scripts: the venv's bin first, so `dvc` and the
     `python` in dvc.yaml's commands are the project's."""

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import yaml
-from conftest import run
+from conftest import ALWAYS_CHANGED, run
 
 pytestmark = pytest.mark.slow
 
@@ -41,9 +41,9 @@ def test_dvc_pipeline_end_to_end(project):
     ):
         assert (project / output).is_file(), output
     # DVC owns every output; nothing stray is left in data/ (the extract scratch folder is gone)
-    assert sorted(p.name for p in (project / "data").iterdir()) == [".gitignore", "extracted", "raw", "split"]
+    assert sorted(p.name for p in (project / "data").iterdir()) == [".gitignore", "extracted", "inputs", "raw", "split"]
     status = run(["dvc", "status", "--json"], project)
-    assert json.loads(status.stdout) == {}
+    assert json.loads(status.stdout) == ALWAYS_CHANGED
 
     # PNGs are byte-stable: redrawing the same results changes nothing DVC would see
     figures = {p.name: p.read_bytes() for p in (project / "reports/figures").glob("*.png")}

@@ -1,0 +1,18 @@
+"""track: content hashes of the inputs outside the repository (runs on every `dvc repro`)."""
+
+import argparse
+
+from kneexray import stage
+
+
+def main(args: argparse.Namespace, params: dict) -> None:
+    from kneexray.tracking import write_hashes
+
+    for name, record in write_hashes(params, args.out).items():
+        stage.log.info("%s: %s", name, f"{record['path']} sha256 {record['sha256'][:12]}" if record else "not used")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", required=True, help="folder for one <input>.json per outside input")
+    stage.run(main, parser)
