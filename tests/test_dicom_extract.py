@@ -4,7 +4,9 @@ any image, are stored as the 8-bit greyscale they display as, and predict reads 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from PIL import Image
+from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from kneexray.curation import curate
 from kneexray.images import load_grey_array
@@ -32,3 +34,20 @@ def test_dicoms_are_curated_stored_as_png_and_read_like_predict_reads_them(tmp_p
         original = classes[row["label"]] / row["source"].split("/", 1)[1]
         # training reads the stored PNG; predict reads the DICOM itself: the same array
         np.testing.assert_array_equal(load_grey_array(stored, 64), load_for_model(original, 64))
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless])
+def test_compressed_dicoms_read_like_uncompressed_ones(tmp_path, syntax):
+    import pydicom
+
+    from kneexray.dicom import read_dicom_grey
+
+    plain = tmp_path / "plain.dcm"
+    write_dicom(plain, full_range_image(seed=3, side=64).astype(np.uint16) * 4)
+    ds = pydicom.dcmread(plain)
+    ds.compress(syntax)  # JPEG 2000 through pylibjpeg-openjpeg, as a PACS would export it
+    packed = tmp_path / "packed.dcm"
+    ds.save_as(packed)
+    assert pydicom.dcmread(packed).file_meta.TransferSyntaxUID == syntax
+    np.testing.assert_array_equal(np.asarray(read_dicom_grey(packed)), np.asarray(read_dicom_grey(plain)))
+    np.testing.assert_array_equal(load_for_model(packed, 32), load_for_model(plain, 32))
