@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -11,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from kneexray import CLASSES, baselines
-from kneexray.atomic import atomic_path, write_json
+from kneexray.atomic import atomic_path, write_json, write_text
 from kneexray.errors import MissingInputError
 from kneexray.inputs import label_indices, load_images, make_dataset, read_split
 from kneexray.layout import CLINICAL_FILE, FINGERPRINTS_FILE, INDEX_FILE
@@ -210,6 +211,7 @@ def evaluate_models(
     summary["baselines"], baseline_predictions = score_baselines(train_rows, rows, data_root, params["evaluate"])
     best = best_baseline(summary["baselines"])
     y_test = label_indices(rows["label"])
+    cards: dict[str, dict] = {}
     scratch = Path(tempfile.mkdtemp(prefix=".external-", dir=data_root.parent))
     try:
         if params["evaluate"]["external_path"]:
@@ -223,6 +225,7 @@ def evaluate_models(
         caches: dict[str, dict] = {name: {} for name in sets}
         for name, path in models.items():
             model, metadata = load_model(path)
+            cards[name] = metadata
             for set_name, (set_rows, root) in sets.items():
                 target = out_dir / name if set_name == "test" else out_dir / f"{name}_{set_name}"
                 result = _evaluate_set(model, metadata, set_rows, root, params, caches[set_name], target)
@@ -261,5 +264,47 @@ def evaluate_models(
                 )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    for name, metadata in cards.items():  # beside the model's other test reports
+        write_text(out_dir / name / "model_card.md", model_card(name, metadata, summary))
     write_json(metrics_path, summary)
     return summary
+
+
+def model_card(name: str, metadata: dict, summary: dict) -> str:
+    """A model card: what the model is for, what made it, and how it did on held-out test images."""
+    entry, data = summary[name], metadata.get("data", {})
+
+    def ci(metric: str) -> str:
+        low, high = entry["ci95"][metric]["low"], entry["ci95"][metric]["high"]
+        return f"{entry[metric]:.3f}" + ("" if low is None else f" [{low:.3f}, {high:.3f}]")
+
+    versus = entry["vs_best_baseline"]
+    lines = [
+        f"# Model card: {name}",
+        "",
+        f"**Intended use.** {metadata.get('intended_use', 'not stated')}",
+        "",
+        f"- Trained on: `{data.get('source', 'unknown')}` data (extract index sha256 `{data.get('index_sha256')}`); "
+        f"{metadata.get('train_images', '?')} training images, {metadata.get('folds', 1)}-fold ensemble, "
+        f"epoch {metadata.get('selected_epoch', '?')} of {metadata.get('epochs_run', '?')} kept.",
+        f"- Code: commit `{metadata.get('code_commit')}`, kneexray {metadata.get('kneexray_version')}; "
+        f"weights: {metadata['weights_source']}.",
+        f"- Out-of-fold macro-F1 (training images, each scored by a model that did not see it): "
+        f"{metadata.get('out_of_fold', {}).get('macro_f1', float('nan')):.3f}.",
+        f"- No-skill alarm: {'**YES**: it gives nearly every image one class' if metadata.get('no_skill') else 'no'}.",
+        "",
+        f"Test set: {summary['data']['n_test']} images. Brackets: 95% bootstrap CIs.",
+        "",
+        "| accuracy | balanced accuracy | macro-F1 | macro AUC |",
+        "|---|---|---|---|",
+        f"| {ci('accuracy')} | {entry['balanced_accuracy']:.3f} | {ci('macro_f1')} | {ci('macro_auc')} |",
+        "",
+        f"Macro-F1 minus the best baseline's ({versus['baseline']}): {versus['macro_f1_difference']:+.3f} "
+        f"[{versus['low']:+.3f}, {versus['high']:+.3f}]; chance scores about "
+        f"{summary['baselines']['chance']['macro_f1']:.3f}.",
+        "",
+        "Settings it was trained with (params.yaml): `" + json.dumps(metadata.get("params", {}), sort_keys=True) + "`",
+    ]
+    if data.get("source") == "phantom":
+        lines += ["", "**Trained on the synthetic phantom: its outputs on real radiographs mean nothing.**"]
+    return "\n".join(lines) + "\n"

@@ -31,6 +31,8 @@ def test_dvc_pipeline_end_to_end(project):
         )
         assert metrics[model]["folds"] == 2 and isinstance(metrics[model]["no_skill"], bool)
     assert "Baselines on the same test images" in (project / "reports/README.md").read_text()
+    card = (project / "reports/eval/cnn/model_card.md").read_text()  # the model card, test metrics with CIs
+    assert "Intended use" in card and "`phantom` data" in card and "mean nothing" in card and "macro-F1" in card
     for output in (
         "models/cnn.keras",
         "models/resnet.keras",
