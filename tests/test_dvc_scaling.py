@@ -142,6 +142,10 @@ def test_ci_report_script_reproduces_and_writes_metrics_and_params_diff(repo):
     # which ResNet50 weights each side had: an environment change must not read as a result
     weights = report.split("### ResNet50 weights")[1]
     assert "- main: random" in weights and "- this experiment: random" in weights
+    # the plots of both sides, rendered offline to PNG for the comment and the CI artifact
+    pngs = sorted((repo / "report_plots").glob("*.png"))
+    assert len(pngs) == 5 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert "5 PNG files" in report
 
 
 def test_ci_report_script_fails_loudly_when_the_experiment_fails(repo):
