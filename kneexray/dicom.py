@@ -18,7 +18,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from kneexray.errors import InputError
-from kneexray.images import ImageError, read_capped
+from kneexray.images import MAX_DECODE_BYTES, ImageError, read_capped
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,12 @@ def _display_grey(ds: pydicom.Dataset, max_pixels: int) -> Image.Image:
     rows, columns = _single_int(ds, "Rows"), _single_int(ds, "Columns")
     if rows * columns > max_pixels:
         raise ImageError(f"{columns}x{rows} exceeds the pixel cap of {max_pixels}")
+    # stored values, float64 values, windowed values and the scaled copy: about 40 bytes a pixel
+    if rows * columns * 40 > MAX_DECODE_BYTES:
+        raise ImageError(
+            f"{columns}x{rows} DICOM would take {rows * columns * 40 / 2**30:.1f} GiB to decode "
+            f"(at most {MAX_DECODE_BYTES / 2**30:.0f} GiB)"
+        )
     try:
         ds.pixel_array_options(index=0)  # decode only the first frame of a multi-frame file
         stored = ds.pixel_array

@@ -78,6 +78,7 @@ def open_image(source: str | Path | bytes, *, max_pixels: int = 200_000_000, min
                     raise ImageError(f"{width}x{height} exceeds the pixel cap of {max_pixels}")
                 if min(width, height) < min_side:
                     raise ImageError(f"{width}x{height} is smaller than the minimum side {min_side}")
+                check_decode_bytes(width, height, img.mode)
                 img.load()
                 if img.format == "JPEG":
                     _check_jpeg_complete(data, img)
@@ -128,16 +129,55 @@ def _one_line(err: object) -> str:
     return " ".join(str(err).split())
 
 
+# The memory one image may take while it is decoded and converted to 8-bit grey. The pixel cap
+# alone let a 1.3 MB float32 TIFF of 14000 x 14000 take 5.4 GiB.
+MAX_DECODE_BYTES = 2 * 2**30
+# Bytes per pixel while decoding and converting: the decoded image, plus for the stretched modes
+# (16-bit, 32-bit int and float) the float64 working copy and the 8-bit result.
+_DECODE_BYTES_PER_PIXEL = {
+    "1": 1,
+    "L": 2,
+    "P": 2,
+    "LA": 6,
+    "PA": 6,
+    "RGB": 4,
+    "RGBA": 9,
+    "CMYK": 5,
+    "YCbCr": 4,
+    "LAB": 4,
+}
+_STRETCH_BYTES_PER_PIXEL = 8 + 1
+
+
+def check_decode_bytes(width: int, height: int, mode: str) -> None:
+    """ImageError when decoding and converting this image would take more than MAX_DECODE_BYTES."""
+    per_pixel = _DECODE_BYTES_PER_PIXEL.get(mode, 4 + _STRETCH_BYTES_PER_PIXEL)
+    need = width * height * per_pixel
+    if need > MAX_DECODE_BYTES:
+        raise ImageError(
+            f"{width}x{height} {mode} would take {need / 2**30:.1f} GiB to decode "
+            f"(at most {MAX_DECODE_BYTES / 2**30:.0f} GiB)"
+        )
+
+
 def to_grey(img: Image.Image) -> Image.Image:
     """Any mode (1, L, P, RGB, RGBA, CMYK, LAB, I;16, I, F) to 8-bit greyscale 'L'; ImageError if none fits."""
     if img.mode == "LAB":  # PIL has no LAB conversion; L is the lightness, what a grey radiograph shows
         return img.getchannel("L")
     if img.mode in _STRETCHED_MODES:
         # Stretch the actual range: 16-bit radiographs rarely use the full 0..65535.
-        arr = np.asarray(img, dtype=np.float64)
+        # One float64 working copy, changed in place: the same operations in the same order as
+        # ((arr - lo) / (hi - lo) * 255), so the same result, without four temporary arrays.
+        arr = np.array(img, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
-        scaled = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
-        return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
+        if hi > lo:
+            arr -= lo
+            arr /= hi - lo
+            arr *= 255
+            np.round(arr, out=arr)
+        else:
+            arr[...] = 0
+        return Image.fromarray(arr.astype(np.uint8), mode="L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))  # X-ray background is black

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from kneexray import atomic
+from kneexray.archive import walk_tree
 from kneexray.dicom import DICOM_SUFFIXES, is_dicom, read_dicom_grey
 from kneexray.errors import InputError
 from kneexray.evaluation import predict_proba
@@ -43,10 +44,12 @@ def collect_inputs(paths: Iterable[str | Path]) -> list[Path]:
     for path in map(Path, paths):
         if path.is_dir():
             # Hidden files in image folders are mostly macOS "._" resource forks, not images.
+            # walk_tree: no recursion, and a one-line error for a folder too deep to be a dataset
             found.update(
-                f
-                for f in path.rglob("*")
-                if f.is_file() and f.suffix.lower() in INPUT_SUFFIXES and not f.name.startswith(".")
+                here / name
+                for here, _, names in walk_tree(path)
+                for name in names
+                if (here / name).is_file() and Path(name).suffix.lower() in INPUT_SUFFIXES and not name.startswith(".")
             )
         else:
             found.add(path)

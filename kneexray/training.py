@@ -698,20 +698,38 @@ def _write_model(model: keras.Model, metadata: dict, path: Path) -> None:
 
 
 def read_metadata(path: str | Path) -> dict:
-    """The metadata a kneexray model carries; a clear error for other .keras files."""
+    """The metadata a kneexray model carries, checked; a clear error for other .keras files."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return json.loads(archive.read(META_ENTRY))
+            metadata = json.loads(archive.read(META_ENTRY))
+    except json.JSONDecodeError:
+        raise InputError(f"{path}: its kneexray metadata is not JSON") from None
     except KeyError:
         raise InputError(
             f"{path}: a Keras model without kneexray metadata (classes, image size); train it with this pipeline"
         ) from None
     except zipfile.BadZipFile:
         raise InputError(f"{path}: not a .keras model file") from None
+    _check_metadata(path, metadata)
+    return metadata
+
+
+def _check_metadata(path: str | Path, metadata: object) -> None:
+    """What inference relies on: a mapping with class names and an image size it can use."""
+    if not isinstance(metadata, dict):
+        raise InputError(f"{path}: its kneexray metadata is not a mapping")
+    classes, size = metadata.get("classes"), metadata.get("image_size")
+    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)):
+        raise InputError(f"{path}: its kneexray metadata has no list of class names")
+    if isinstance(size, bool) or not isinstance(size, int) or not 32 <= size <= 1024:
+        raise InputError(f"{path}: its kneexray metadata has no image size in [32, 1024] (got {size!r})")
 
 
 def load_model(path: str | Path) -> tuple[keras.Model, dict]:
     metadata = read_metadata(path)
     import kneexray.layers  # noqa: F401  registers the custom layers for deserialisation
 
-    return keras.saving.load_model(path), metadata
+    try:  # safe mode: a config that names arbitrary code (a Lambda, builtins.exec) is refused
+        return keras.saving.load_model(path, safe_mode=True), metadata
+    except (ValueError, TypeError) as err:
+        raise InputError(f"{path}: Keras refused to load it ({' '.join(str(err).split())[:300]})") from None

@@ -486,3 +486,20 @@ def test_curation_lists_a_cut_jpeg_as_unreadable(tmp_path: Path) -> None:
     result = run_curate(dirs, tmp_path / "out")
     assert "truncated JPEG" in reasons(result)["normal/cut.jpg"]
     assert result.audit["images_kept"] == 3
+
+
+def test_decoding_memory_is_bounded_in_bytes_not_only_pixels(tmp_path, monkeypatch):
+    """A small float32 TIFF under the pixel cap still can't take gigabytes: its decode is refused
+    up front when it would need more than MAX_DECODE_BYTES (here lowered to 32 MiB)."""
+    from PIL import Image as PILImage
+
+    from kneexray import images
+
+    path = tmp_path / "huge.tif"
+    PILImage.fromarray(np.zeros((2000, 2000), np.float32), mode="F").save(path, compression="tiff_deflate")
+    assert path.stat().st_size < 2**20  # compresses to almost nothing
+    monkeypatch.setattr(images, "MAX_DECODE_BYTES", 32 * 2**20)
+    with pytest.raises(images.ImageError, match=r"2000x2000 F would take .* to decode"):
+        images.open_image(path)
+    monkeypatch.setattr(images, "MAX_DECODE_BYTES", 2**30)
+    assert images.to_grey(images.open_image(path)).size == (2000, 2000)  # allowed: decoded and converted
