@@ -18,13 +18,7 @@ def main(args: argparse.Namespace, params: dict) -> None:
     cfg = params["split"]
     data = Path(args.data)
     index = pd.read_csv(data / INDEX_FILE)
-    splits = split_index(
-        index,
-        test_ratio=cfg["test_ratio"],
-        val_ratio=cfg["val_ratio"],
-        seed=cfg["seed"],
-        group_near_duplicates=cfg["group_near_duplicates"],
-    )
+    splits = split_index(index, **cfg)  # the split section is exactly its keyword arguments
     check_leakage(splits, index, np.load(data / FINGERPRINTS_FILE), params["extract"]["near_duplicate_distance"])
     with atomic_path(args.out) as tmp:
         tmp.mkdir()

@@ -40,13 +40,7 @@ def test_extract_and_split_on_the_real_archive(tmp_path):
 
     index = pd.read_csv(out / INDEX_FILE)
     cfg = params["split"]
-    splits = split_index(
-        index,
-        test_ratio=cfg["test_ratio"],
-        val_ratio=cfg["val_ratio"],
-        seed=cfg["seed"],
-        group_near_duplicates=cfg["group_near_duplicates"],
-    )
+    splits = split_index(index, **cfg)  # the split section is exactly its keyword arguments
     check_leakage(splits, index, np.load(out / FINGERPRINTS_FILE), params["extract"]["near_duplicate_distance"])
     assert split_counts(splits) == {
         "train": {"normal": 21, "osteopenia": 99, "osteoporosis": 31},
