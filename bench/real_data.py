@@ -249,6 +249,7 @@ def main() -> None:
     parser.add_argument("--train-seeds", default="42,7", help="training seeds (train.seed), comma-separated")
     parser.add_argument("--jobs", type=int, default=1, help="`dvc queue start -j` (2 cores: 1 is fastest)")
     parser.add_argument("--set", action="append", default=[], help="extra `dvc exp run -S` overrides")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "real_data.json"), help="the JSON summary")
     args = parser.parse_args()
     data = Path(args.data)
     if not (data / "normal").is_dir():
@@ -306,7 +307,7 @@ def main() -> None:
             "across_seeds": spread,
             "across_seeds_table": seeds_table(spread),
         }
-    out = ROOT / "bench" / "results" / "real_data.json"
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "first_seed_run"}, indent=2))

@@ -172,11 +172,11 @@ def _training_fingerprints(test_csv: Path, data_root: Path) -> np.ndarray:
 
 def _evaluate_set(model, metadata, rows: pd.DataFrame, root: Path, params: dict, cache: dict, out_dir: Path) -> dict:
     cfg = params["evaluate"]
-    size = metadata["image_size"]
-    if size not in cache:
-        cache[size] = load_images(rows["path"], size, root=root, desc="images")
+    key = size, fit = metadata["image_size"], metadata.get("image_fit", "squash")
+    if key not in cache:
+        cache[key] = load_images(rows["path"], size, fit=fit, root=root, desc="images")
     y_true = label_indices(rows["label"])
-    proba = predict_proba(model, cache[size], params["image"]["batch_size"])
+    proba = predict_proba(model, cache[key], params["image"]["batch_size"])
     result = evaluate_predictions(
         y_true, proba, resamples=cfg["bootstrap_resamples"], seed=cfg["seed"], bins=cfg["calibration_bins"]
     )
@@ -287,7 +287,7 @@ def model_card(name: str, metadata: dict, summary: dict) -> str:
         f"- Trained on: `{data.get('source', 'unknown')}` data (extract index sha256 `{data.get('index_sha256')}`); "
         f"{metadata.get('train_images', '?')} training images, {metadata.get('folds', 1)}-fold ensemble, "
         f"epoch {metadata.get('selected_epoch', '?')} of {metadata.get('epochs_run', '?')} kept.",
-        f"- Code: commit `{metadata.get('code_commit')}`, kneexray {metadata.get('kneexray_version')}; "
+        f"- Code: kneexray {metadata.get('kneexray_version')}, modules sha256 `{metadata.get('code_sha256')}`; "
         f"weights: {metadata['weights_source']}.",
         f"- Out-of-fold macro-F1 (training images, each scored by a model that did not see it): "
         f"{metadata.get('out_of_fold', {}).get('macro_f1', float('nan')):.3f}.",

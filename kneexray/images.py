@@ -188,8 +188,29 @@ def to_grey(img: Image.Image) -> Image.Image:
         raise ImageError(f"colour mode {img.mode} cannot be converted to greyscale") from None
 
 
-def load_grey_array(source: str | Path | bytes, size: int, *, max_pixels: int = 200_000_000) -> np.ndarray:
-    """Decode an image straight to a (size, size) uint8 greyscale array.
+FITS = ("squash", "letterbox")
+
+
+def to_square(grey: Image.Image, size: int, fit: str = "squash") -> np.ndarray:
+    """(size, size) uint8: `squash` stretches the image to a square; `letterbox` keeps its aspect
+    ratio (the knee's shape) and pads the short side with black, the X-ray background."""
+    if fit == "squash":
+        return np.asarray(grey.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0), dtype=np.uint8)
+    if fit != "letterbox":
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+    scale = size / max(grey.width, grey.height)
+    width, height = max(1, round(grey.width * scale)), max(1, round(grey.height * scale))
+    out = np.zeros((size, size), dtype=np.uint8)
+    top, left = (size - height) // 2, (size - width) // 2
+    resized = grey.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    out[top : top + height, left : left + width] = np.asarray(resized, dtype=np.uint8)
+    return out
+
+
+def load_grey_array(
+    source: str | Path | bytes, size: int, *, fit: str = "squash", max_pixels: int = 200_000_000
+) -> np.ndarray:
+    """Decode an image straight to a (size, size) uint8 greyscale array (`fit`: see `to_square`).
 
     JPEGs are decoded at reduced scale (PIL's draft mode) when much larger than `size`, which
     makes loading a 2660 px radiograph several times faster than a full decode.
@@ -208,8 +229,7 @@ def load_grey_array(source: str | Path | bytes, size: int, *, max_pixels: int = 
         raise
     except Exception:
         img = open_image(data, max_pixels=max_pixels)  # gives the clear error
-    grey = to_grey(img).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
-    return np.asarray(grey, dtype=np.uint8)
+    return to_square(to_grey(img), size, fit)
 
 
 def inspect(path: str | Path, *, max_pixels: int, min_side: int) -> tuple[ImageInfo, Image.Image]:

@@ -37,14 +37,16 @@ def read_split(csv_path: str | Path) -> pd.DataFrame:
     return frame
 
 
-def load_images(paths, size: int, *, root: str | Path = ".", workers: int = 2, desc: str = "decode") -> np.ndarray:
+def load_images(
+    paths, size: int, *, fit: str = "squash", root: str | Path = ".", workers: int = 2, desc: str = "decode"
+) -> np.ndarray:
     """(N, size, size, 1) uint8; PIL releases the GIL while decoding, so threads help."""
     root = Path(root)
     paths = [root / p for p in paths]
     out = np.empty((len(paths), size, size, 1), dtype=np.uint8)
 
     def one(i: int) -> None:
-        out[i, :, :, 0] = load_grey_array(paths[i], size)
+        out[i, :, :, 0] = load_grey_array(paths[i], size, fit=fit)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(

@@ -137,6 +137,7 @@ SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
     },
     "image": {
         "batch_size": _num(1, 4096, integer=True),
+        "fit": _choice("squash", "letterbox"),
     },
     "augment": {
         "rotation_deg": _num(0, 180),

@@ -240,7 +240,12 @@ def gradcam_figure(
     model, metadata = load_model(model_path)
     labels, predicted = label_indices(predictions["actual"]), label_indices(predictions["predicted"])
     chosen = pick_examples(labels, predicted, per_class=per_class)
-    images = load_images(predictions["path"].iloc[chosen], metadata["image_size"], root=data_root)
+    images = load_images(
+        predictions["path"].iloc[chosen],
+        metadata["image_size"],
+        fit=metadata.get("image_fit", "squash"),
+        root=data_root,
+    )
     fig = gradcam_grid(model, images[..., 0], labels[chosen], predicted[chosen], ncols=2 * per_class)
     fig.suptitle(f"{title}: Grad-CAM on test images (green: right, red: wrong)")
     return fig

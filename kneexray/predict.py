@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from kneexray import atomic
 from kneexray.archive import walk_tree
@@ -26,7 +25,7 @@ from kneexray.dicom import DICOM_SUFFIXES, is_dicom, read_dicom_grey
 from kneexray.errors import InputError
 from kneexray.evaluation import predict_proba
 from kneexray.gradcam import GradCam, save_explanation
-from kneexray.images import IMAGE_SUFFIXES, ImageError, load_grey_array
+from kneexray.images import IMAGE_SUFFIXES, ImageError, load_grey_array, to_square
 from kneexray.training import load_model
 
 log = logging.getLogger(__name__)
@@ -81,20 +80,19 @@ def read_regular_file(path: str | Path) -> bytes:
         os.close(fd)
 
 
-def load_for_model(path: str | Path, size: int) -> np.ndarray:
+def load_for_model(path: str | Path, size: int, fit: str = "squash") -> np.ndarray:
     """(size, size) uint8 greyscale, decoded as training decodes; DICOM recognised by content or suffix."""
     data = read_regular_file(path)
     if is_dicom(data) or Path(path).suffix.lower() in DICOM_SUFFIXES:
         # The resize of images.load_grey_array, so a DICOM and its PNG export give the same array.
-        grey = read_dicom_grey(data).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
-        return np.asarray(grey, dtype=np.uint8)
-    return load_grey_array(data, size)
+        return to_square(read_dicom_grey(data), size, fit)
+    return load_grey_array(data, size, fit=fit)
 
 
-def _decode(path: Path, size: int) -> np.ndarray | str:
+def _decode(path: Path, size: int, fit: str) -> np.ndarray | str:
     """The image, or why it can't be used (the row names the file)."""
     try:
-        return load_for_model(path, size)
+        return load_for_model(path, size, fit)
     except ImageError as err:
         return str(err)
     except OSError as err:  # missing or unreadable: strerror is the short reason
@@ -153,7 +151,7 @@ def predict_files(
     with ThreadPoolExecutor(max_workers=2) as pool:  # PIL releases the GIL while decoding
         for start in range(0, len(files), batch_size):
             chunk = files[start : start + batch_size]
-            decoded = list(pool.map(partial(_decode, size=size), chunk))
+            decoded = list(pool.map(partial(_decode, size=size, fit=metadata.get("image_fit", "squash")), chunk))
             chunk_rows: list[dict[str, Any]] = [
                 {"path": str(path)} if isinstance(d, np.ndarray) else {"path": str(path), "error": d}
                 for path, d in zip(chunk, decoded)

@@ -27,6 +27,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from kneexray import CLASSES, __version__
 from kneexray.atomic import atomic_path, stable_zip_entry
 from kneexray.errors import InputError
+from kneexray.images import FITS
 from kneexray.inputs import build_augmenter, label_indices, load_images, make_dataset, read_split
 from kneexray.layers import CaffePreprocess, GreyToRGB
 from kneexray.models import (
@@ -445,7 +446,8 @@ def train(
     if "group" not in rows:
         rows["group"] = np.arange(len(rows))
     folds = Folds.make(rows, len(val_rows), train_cfg["folds"], train_cfg["seed"])
-    x = load_images(rows["path"], size, root=data_root, desc="train images")
+    fit = params["image"]["fit"]
+    x = load_images(rows["path"], size, fit=fit, root=data_root, desc="train images")
     y = label_indices(rows["label"])
     # image.batch_size is per replica: the global batch grows with the replicas (across all workers),
     # and the learning rate is left as configured (not scaled with the global batch).
@@ -549,7 +551,8 @@ def train(
         "model": kind,
         "classes": list(CLASSES),
         "image_size": size,
-        "input": "greyscale uint8 pixels, resized to image_size x image_size, fed as float32 in [0, 255]",
+        "image_fit": fit,
+        "input": "greyscale uint8 pixels fitted to image_size x image_size (image_fit), fed as float32 in [0, 255]",
         "preprocessing": "in-model: Rescaling(1/255)" if kind == "cnn" else "in-model: ResNet50 caffe preprocess_input",
         "weights_source": weights_source,
         "epochs_run": info["epochs_run"],
@@ -572,24 +575,38 @@ INTENDED_USE = (
 )
 
 
+def code_digest() -> str:
+    """sha256 over the kneexray modules this process has imported: the train stage's code deps.
+
+    Not the git commit: a clone that reruns `dvc repro` at a later commit must write the same bytes
+    (and dvc.lock must not change) when the code it ran is the same.
+    """
+    import hashlib
+    import sys
+
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parent
+    files = {Path(f).resolve() for m in list(sys.modules.values()) if (f := getattr(m, "__file__", None))}
+    for path in sorted(f for f in files if f.is_relative_to(package) and f.suffix == ".py"):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def model_card(kind: str, params: dict, data_root: str | Path) -> dict:
     """What a reader of the model file needs to judge it: which data (source and the hash of the
     extract stage's index, which lists every image's sha256), which code, which settings."""
     import hashlib
-    import subprocess
 
     from kneexray.layout import INDEX_FILE
 
     index = Path(data_root) / INDEX_FILE
-    # the project the stage runs in (DVC runs stages from its root)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
     augment = params["augment"] if kind == "cnn" else {"horizontal_flip": params["augment"]["horizontal_flip"]}
     return {
         "data": {
             "source": params["dataset"]["source"],
             "index_sha256": hashlib.sha256(index.read_bytes()).hexdigest() if index.is_file() else None,
         },
-        "code_commit": commit.stdout.strip() if commit.returncode == 0 else None,
+        "code_sha256": code_digest(),
         "params": {
             kind: params[kind],
             "augment": augment,
@@ -723,6 +740,8 @@ def _check_metadata(path: str | Path, metadata: object) -> None:
         raise InputError(f"{path}: its kneexray metadata has no list of class names")
     if isinstance(size, bool) or not isinstance(size, int) or not 32 <= size <= 1024:
         raise InputError(f"{path}: its kneexray metadata has no image size in [32, 1024] (got {size!r})")
+    if metadata.get("image_fit", "squash") not in FITS:
+        raise InputError(f"{path}: its kneexray metadata has an unknown image_fit {metadata['image_fit']!r}")
 
 
 def load_model(path: str | Path) -> tuple[keras.Model, dict]:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from kneexray.images import ImageError, ImageInfo, inspect, load_grey_array, open_image, to_grey
+from kneexray.images import ImageError, ImageInfo, inspect, load_grey_array, open_image, to_grey, to_square
 
 ORIENTATION = 0x0112
 
@@ -293,3 +293,23 @@ def test_very_large_radiograph_under_and_over_the_pixel_cap(tmp_path):
     assert arr.shape == (224, 224) and arr[112, 112] > 150 and arr[5, 5] < 30
     with pytest.raises(ImageError, match="pixel cap"):
         inspect(path, max_pixels=100_000_000, min_side=64)
+
+
+def test_letterbox_keeps_the_aspect_ratio_and_pads_with_black(tmp_path: Path) -> None:
+    # a 200 x 100 white image: squashed it fills the square, letterboxed it is a centred 64 x 32 band
+    path = tmp_path / "wide.png"
+    Image.new("L", (200, 100), 255).save(path)
+    assert (load_grey_array(path, 64) == 255).all()
+    boxed = load_grey_array(path, 64, fit="letterbox")
+    assert boxed.shape == (64, 64)
+    assert (boxed[16:48] == 255).all() and (boxed[:16] == 0).all() and (boxed[48:] == 0).all()
+    tall = tmp_path / "tall.png"
+    Image.new("L", (100, 200), 255).save(tall)
+    np.testing.assert_array_equal(load_grey_array(tall, 64, fit="letterbox"), boxed.T)
+
+
+def test_letterbox_of_a_square_image_is_the_squash() -> None:
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 90), dtype=np.uint8))
+    np.testing.assert_array_equal(to_square(img, 40, "letterbox"), to_square(img, 40, "squash"))
+    with pytest.raises(ValueError, match="fit must be one of"):
+        to_square(img, 40, "crop")

@@ -413,3 +413,21 @@ def test_cli_table_json_and_exit_codes(model_path, inputs, tmp_path, capsys):
     with pytest.raises(SystemExit) as usage:
         main(["predict", str(inputs), "--model", str(model_path), "--csv", "a.csv", "--json", "b.json"])
     assert usage.value.code == 2
+
+
+def test_predict_uses_the_fit_the_model_was_trained_with(trained, tmp_path):
+    """A letterboxed model's metadata makes predict letterbox too, as training did (a wide image)."""
+    wide = np.zeros((SIZE, 2 * SIZE), dtype=np.uint8)
+    wide[:, : SIZE // 2] = 250  # the bright square sits top-left once letterboxed
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    rows = {}
+    for fit in ("squash", "letterbox"):
+        path = tmp_path / f"{fit}.keras"
+        save_model(trained, {**METADATA, "image_fit": fit}, path)
+        rows[fit] = predict_files(path, [tmp_path / "wide.png"])[0]["probabilities"]
+        expected = predict_proba(trained, load_images([tmp_path / "wide.png"], SIZE, fit=fit), batch_size=1)[0]
+        np.testing.assert_allclose(list(rows[fit].values()), expected, atol=1e-5)
+    assert rows["squash"] != rows["letterbox"]
+    save_model(trained, {**METADATA, "image_fit": "crop"}, tmp_path / "bad.keras")
+    with pytest.raises(ValueError, match="unknown image_fit 'crop'"):
+        predict_files(tmp_path / "bad.keras", [tmp_path / "wide.png"])

@@ -14,7 +14,7 @@ import pytest
 from kneexray import CLASSES
 from kneexray.models import RESNET_BASE_NAME, WeightsUnavailable, build_cnn, forward_flops, resnet_base
 from kneexray.phantom import render_knee
-from kneexray.training import load_model, read_metadata, save_model, train
+from kneexray.training import code_digest, load_model, read_metadata, save_model, train
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,9 @@ def test_cnn_trains_saves_metadata_and_reloads(tiny, tiny_split, tmp_path):
     path = tmp_path / "cnn.keras"
     save_model(result.model, result.metadata, path)
     model, meta = load_model(path)
-    assert meta["classes"] == list(CLASSES) and meta["image_size"] == 32
+    assert meta["classes"] == list(CLASSES) and meta["image_size"] == 32 and meta["image_fit"] == "squash"
+    # the code is named by what it is, not by the commit it happened to run at (a clone's repro writes the same bytes)
+    assert meta["code_sha256"] == code_digest() and "code_commit" not in meta
     assert meta["weights_source"].startswith("none")
     x = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 1)).astype("float32")
     np.testing.assert_allclose(model.predict(x, verbose=0), result.model.predict(x, verbose=0), atol=1e-6)
@@ -55,6 +57,21 @@ def test_cnn_trains_saves_metadata_and_reloads(tiny, tiny_split, tmp_path):
     time.sleep(2.1)  # the zip clock has 2-second steps
     save_model(result.model, result.metadata, tmp_path / "again.keras")
     assert (tmp_path / "again.keras").read_bytes() == path.read_bytes()
+
+
+def test_code_digest_covers_the_imported_package_modules(monkeypatch):
+    import sys
+    import types
+
+    before = code_digest()
+    assert len(before) == 64 and code_digest() == before
+    # a module of the package that the stage never imported does not count; one it imported does
+    extra = types.ModuleType("kneexray._digest_probe")
+    extra.__file__ = str(Path(__file__).resolve().parents[1] / "kneexray" / "layout.py")
+    monkeypatch.delitem(sys.modules, "kneexray.layout", raising=False)
+    without = code_digest()
+    monkeypatch.setitem(sys.modules, "kneexray._digest_probe", extra)
+    assert code_digest() != without
 
 
 def test_training_is_deterministic(tiny, tiny_split, tmp_path):
