@@ -26,11 +26,11 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 # Writes the template and points .dvc/config.local's plots.html_template at it.
-$(PLOTS_TEMPLATE): kneexray/offline_plots.py $(VENV)/.installed
-	$(BIN)/python -m kneexray.offline_plots --out $@
+$(PLOTS_TEMPLATE): kneexray/report/offline_template.py $(VENV)/.installed
+	$(BIN)/python -m kneexray.report.offline_template --out $@
 
 setup: $(VENV)/.installed $(PLOTS_TEMPLATE)
-	@grep -qs html_template .dvc/config.local || $(BIN)/python -m kneexray.offline_plots --out $(PLOTS_TEMPLATE)
+	@grep -qs html_template .dvc/config.local || $(BIN)/python -m kneexray.report.offline_template --out $(PLOTS_TEMPLATE)
 
 repro: setup
 	$(BIN)/dvc repro

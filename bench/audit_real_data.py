@@ -28,10 +28,10 @@ from sklearn.preprocessing import StandardScaler
 
 from bench import REAL_DATA
 from kneexray import CLASSES
-from kneexray.curation import curate
-from kneexray.extraction import audit_counts
-from kneexray.images import load_grey_array
-from kneexray.patients import audit_patient_table
+from kneexray.data.curation import curate
+from kneexray.data.extraction import audit_counts
+from kneexray.data.images import load_grey_array
+from kneexray.data.patients import audit_patient_table
 
 
 def probes(pixels: np.ndarray, index: pd.DataFrame) -> dict[str, np.ndarray]:

@@ -41,7 +41,7 @@ What the notebook did, and how it is reproduced here (ImageDataGenerator no long
 
 Reported per model: test probabilities in the order of the given test list, the notebook's own
 figures (accuracy; weighted precision, recall and F1 as in its classification_report) and ours
-(kneexray.metrics.evaluate_predictions: macro-F1 etc. with bootstrap 95% CIs, plus a bootstrap
+(kneexray.evaluate.metrics.evaluate_predictions: macro-F1 etc. with bootstrap 95% CIs, plus a bootstrap
 CI of the osteoporosis recall computed on the same resamples).
 
 Only numpy, pandas and scikit-learn are imported at module level; Keras is imported where a model
@@ -239,8 +239,8 @@ HEADLINE_KEYS = (
 
 
 def our_metrics(y_true, proba, *, resamples: int = 1000, seed: int = 0) -> dict:
-    """kneexray.metrics.evaluate_predictions (headline part) plus the osteoporosis recall and its CI."""
-    from kneexray.metrics import evaluate_predictions
+    """kneexray.evaluate.metrics.evaluate_predictions (headline part) plus the osteoporosis recall and its CI."""
+    from kneexray.evaluate.metrics import evaluate_predictions
 
     result = evaluate_predictions(y_true, proba, resamples=resamples, seed=seed)
     out = {k: result[k] for k in HEADLINE_KEYS}
@@ -280,7 +280,7 @@ def build_augmenter(seed: int):
     """ImageDataGenerator's random transforms as Keras 3 layers, on pixels in [0, 255]."""
     import keras
 
-    from kneexray.layers import RandomScaleBrightness  # x * U(low, high), clipped to [0, 255], like PIL's
+    from kneexray.model.layers import RandomScaleBrightness  # x * U(low, high), clipped to [0, 255], like PIL's
 
     layers = [
         keras.layers.RandomRotation(NOTEBOOK["rotation_deg"] / 360.0, fill_mode="nearest", seed=seed),
@@ -379,7 +379,7 @@ def notebook_datasets(train_dir: Path, size: int, seed: int):
     import tensorflow as tf
     from sklearn.utils.class_weight import compute_class_weight
 
-    from kneexray.inputs import label_indices  # imports TensorFlow: here, not at module level
+    from kneexray.model.inputs import label_indices  # imports TensorFlow: here, not at module level
 
     train_raw, val_raw = _from_directory(
         train_dir, size, validation_split=NOTEBOOK["validation_split"], subset="both", seed=seed, shuffle=True
@@ -422,7 +422,7 @@ def run_baseline(
     """Train and test the notebook's models; metrics and probabilities in the order of test_items."""
     import keras
 
-    from kneexray.inputs import label_indices
+    from kneexray.model.inputs import label_indices
 
     epochs = {**{m: NOTEBOOK[m]["epochs"] for m in MODEL_NAMES}, **(epochs or {})}
     y_test = label_indices([label for _, label in test_items])

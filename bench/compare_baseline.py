@@ -11,7 +11,7 @@
 2. BASELINE: bench/baseline_notebook.py in a subprocess, trained on our train + validation images and
    tested on our test split (the SAME test images), mapped back to the original files through
    data/extracted/index.csv (`source` column) and checked by SHA-256. Notebook epochs (20, 15).
-3. Both sets of test probabilities are scored by the same code (kneexray.metrics.evaluate_predictions
+3. Both sets of test probabilities are scored by the same code (kneexray.evaluate.metrics.evaluate_predictions
    plus a bootstrap CI of the osteoporosis recall; a paired bootstrap CI of the macro-F1 difference).
 
 Time and memory: each method runs under a fresh wrapper process (`python -m bench.compare_baseline _measure`), so
@@ -48,7 +48,7 @@ from pathlib import Path
 from bench import REAL_DATA, ROOT, real_data
 from bench import baseline_notebook as baseline
 from kneexray import CLASSES
-from kneexray.plots import format_with_ci
+from kneexray.report.figures import format_with_ci
 
 MODELS = ("cnn", "resnet")
 MODEL_TITLES = {"cnn": "CNN", "resnet": "ResNet50"}
@@ -414,7 +414,7 @@ def main() -> None:
         index = pd.read_csv(repo / "data/extracted/index.csv")
         splits = {name: pd.read_csv(repo / f"data/split/{name}.csv") for name in ("train", "val", "test")}
         test_rows = splits["test"]
-        from kneexray.inputs import label_indices  # imports TensorFlow (in this process only, not measured)
+        from kneexray.model.inputs import label_indices  # imports TensorFlow (in this process only, not measured)
 
         y_test = label_indices(test_rows["label"])
         proba_ours = {}

@@ -68,9 +68,10 @@ def score(model_path: Path):
     import numpy as np
     import pandas as pd
 
-    from kneexray.inputs import label_indices, load_images
-    from kneexray.selection import score as f1
-    from kneexray.training import infer, load_model
+    from kneexray.model.devices import infer
+    from kneexray.model.files import load_model
+    from kneexray.model.inputs import label_indices, load_images
+    from kneexray.model.selection import score as f1
 
     model, meta = load_model(model_path)
     test = pd.read_csv(ROOT / "data/split/test.csv")

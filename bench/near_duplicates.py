@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from bench import REAL_DATA
-from kneexray.fingerprint import fingerprint, pairwise_distance
-from kneexray.images import open_image, to_grey
+from kneexray.data.fingerprint import fingerprint, pairwise_distance
+from kneexray.data.images import open_image, to_grey
 
 
 def edits(img: Image.Image) -> dict[str, Image.Image]:

@@ -85,7 +85,7 @@ def shortcut_check(repo: Path) -> dict:
     """A size-and-mode-only classifier on the same split, and each model within one size/mode stratum."""
     import pandas as pd
 
-    from kneexray.shortcuts import largest_stratum_scores, metadata_only_macro_f1
+    from bench.shortcuts import largest_stratum_scores, metadata_only_macro_f1
 
     index = pd.read_csv(repo / "data/extracted/index.csv")
     train = pd.read_csv(repo / "data/split/train.csv")

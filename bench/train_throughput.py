@@ -25,7 +25,7 @@ import tensorflow as tf  # noqa: E402
 import yaml  # noqa: E402
 
 from bench import ROOT  # noqa: E402
-from kneexray.models import build_cnn, build_resnet, forward_flops, resnet_base  # noqa: E402
+from kneexray.model.networks import build_cnn, build_resnet, forward_flops, resnet_base  # noqa: E402
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:

@@ -44,7 +44,7 @@ trap 'rm -f "$tmp" "$tmp.plots.json"' EXIT
     # The plots of both sides as PNG, rendered offline: a comment shows pictures, not vega views.
     rm -rf "$plots_dir"
     dvc plots diff "$base" --json >"$tmp.plots.json"
-    python -m kneexray.plot_pngs "$tmp.plots.json" --out "$plots_dir" >/dev/null
+    python -m kneexray.report.pngs "$tmp.plots.json" --out "$plots_dir" >/dev/null
     printf '\n### Plots\n\n%s PNG files, this experiment against `%s`, in `%s`%s.\n' \
         "$(find "$plots_dir" -name '*.png' | wc -l)" "$base" "$plots_dir" "${PLOTS_URL:+: [download them]($PLOTS_URL)}"
 } >"$tmp"

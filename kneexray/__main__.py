@@ -98,8 +98,8 @@ def _predict(args: argparse.Namespace) -> int:
     for option, target in (("--csv", args.csv), ("--json", args.json)):
         if target is not None:  # a file output onto a folder: refused before any work, nothing lost
             check_file_target(target, option)
+    from kneexray.model.files import read_metadata
     from kneexray.predict import predict_files, write_csv, write_json  # TensorFlow: not for --help or usage errors
-    from kneexray.training import read_metadata
 
     warn_about_training_data(read_metadata(args.model))
 

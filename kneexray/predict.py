@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 
 from kneexray import atomic
-from kneexray.archive import walk_tree
-from kneexray.dicom import DICOM_SUFFIXES, is_dicom, read_dicom_grey
+from kneexray.data.archive import walk_tree
+from kneexray.data.dicom import DICOM_SUFFIXES, is_dicom, read_dicom_grey
+from kneexray.data.images import IMAGE_SUFFIXES, ImageError, load_grey_array, to_square
 from kneexray.errors import InputError
-from kneexray.evaluation import predict_proba
-from kneexray.gradcam import GradCam, save_explanation
-from kneexray.images import IMAGE_SUFFIXES, ImageError, load_grey_array, to_square
-from kneexray.training import load_model
+from kneexray.evaluate.gradcam import GradCam, save_explanation
+from kneexray.evaluate.scoring import predict_proba
+from kneexray.model.files import load_model
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def load_for_model(path: str | Path, size: int, fit: str = "squash") -> np.ndarr
     return load_grey_array(data, size, fit=fit)
 
 
-def _decode(path: Path, size: int, fit: str) -> np.ndarray | str:
+def _decode(path: Path, size: int, fit: str = "squash") -> np.ndarray | str:
     """The image, or why it can't be used (the row names the file)."""
     try:
         return load_for_model(path, size, fit)

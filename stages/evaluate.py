@@ -6,7 +6,7 @@ from kneexray import stage
 
 
 def main(args: argparse.Namespace, params: dict) -> None:
-    from kneexray.evaluation import evaluate_models
+    from kneexray.evaluate.scoring import evaluate_models
 
     models = dict(item.split("=", 1) for item in args.model)
     evaluate_models(

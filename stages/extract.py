@@ -5,7 +5,7 @@ import kneexray.portable  # noqa: F401, I001  first, before numpy: the same byte
 import argparse
 
 from kneexray import stage
-from kneexray.extraction import extract_dataset
+from kneexray.data.extraction import extract_dataset
 
 
 def main(args: argparse.Namespace, params: dict) -> None:

@@ -4,7 +4,8 @@ import kneexray.portable  # noqa: F401, I001  first, before numpy: the same byte
 
 import argparse
 
-from kneexray import sources, stage
+from kneexray import stage
+from kneexray.data import sources
 
 
 def main(args: argparse.Namespace, params: dict) -> None:

@@ -4,8 +4,8 @@ a self-contained HTML report."""
 import argparse
 
 from kneexray import stage
-from kneexray.html_report import write_report
-from kneexray.plots import make_figures
+from kneexray.report.figures import make_figures
+from kneexray.report.html_page import write_report
 
 
 def main(args: argparse.Namespace, params: dict) -> None:

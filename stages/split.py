@@ -11,7 +11,7 @@ import pandas as pd
 from kneexray import stage
 from kneexray.atomic import atomic_path, write_json
 from kneexray.layout import FINGERPRINTS_FILE, INDEX_FILE
-from kneexray.splitting import check_leakage, split_counts, split_index
+from kneexray.data.splitting import check_leakage, split_counts, split_index
 
 
 def main(args: argparse.Namespace, params: dict) -> None:

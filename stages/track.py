@@ -6,7 +6,7 @@ from kneexray import stage
 
 
 def main(args: argparse.Namespace, params: dict) -> None:
-    from kneexray.tracking import write_hashes
+    from kneexray.data.tracking import write_hashes
 
     for name, record in write_hashes(params, args.out).items():
         stage.log.info("%s: %s", name, f"{record['path']} sha256 {record['sha256'][:12]}" if record else "not used")

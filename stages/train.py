@@ -6,7 +6,9 @@ from kneexray import stage
 
 
 def main(args: argparse.Namespace, params: dict) -> None:
-    from kneexray.training import is_chief, save_model, train  # TensorFlow loads after params are validated
+    from kneexray.model.devices import is_chief  # TensorFlow loads after params are validated
+    from kneexray.model.files import save_model
+    from kneexray.model.training import train
 
     result = train(
         args.model,

@@ -1,4 +1,4 @@
-"""kneexray.archive: nested extraction, hostile archives, class-folder discovery."""
+"""kneexray.data.archive: nested extraction, hostile archives, class-folder discovery."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kneexray import archive as archive_mod
-from kneexray.archive import ArchiveError, ExtractLimits, extract_nested, find_class_dirs
+from kneexray.data import archive as archive_mod
+from kneexray.data.archive import ArchiveError, ExtractLimits, extract_nested, find_class_dirs
 
 CLASSES = ("normal", "osteopenia", "osteoporosis")
 

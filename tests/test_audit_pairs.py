@@ -3,8 +3,8 @@
 import numpy as np
 from PIL import Image
 
-from kneexray.audit_pairs import draw_pairs, flagged_pairs
-from kneexray.phantom import render_knee
+from kneexray.data.audit_pairs import draw_pairs, flagged_pairs
+from kneexray.data.phantom import render_knee
 
 
 def test_conflicts_first_and_each_pair_once():

@@ -159,7 +159,7 @@ def test_comparison_ratios_and_table():
     assert comp["wall_ratio"] == round(100 / 600, 3) and comp["memory_ratio"] == 0.9
     assert comp["met"] == {"wall": True, "memory": True, "macro_f1_cnn": True, "macro_f1_resnet": False}
     summary = {
-        "ours": {**ours, "working_tree_differs": ["kneexray/training.py"]},
+        "ours": {**ours, "working_tree_differs": ["kneexray/model/training.py"]},
         "baseline": base,
         "comparison": comp,
         "test_set": {"n_test": 4, "per_class": {"normal": 1, "osteopenia": 1, "osteoporosis": 2}},

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from kneexray import baselines
-from kneexray.metrics import chance_summary, paired_difference
-from kneexray.patients import clinical_table
+from kneexray.data.patients import clinical_table
+from kneexray.evaluate import baselines
+from kneexray.evaluate.metrics import chance_summary, paired_difference
 
 
 def test_chance_macro_f1_is_about_a_third_whatever_the_imbalance():

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, run
 
-from kneexray import offline_plots
-from kneexray.browser import IMAGES_DECODED, Browser, BrowserError, find_chromium
-from kneexray.html_report import write_report
+from kneexray.report import offline_template
+from kneexray.report.html_page import write_report
+from tests.browser import IMAGES_DECODED, Browser, BrowserError, find_chromium
+from tests.support import ROOT, run
 
 PLOT_DEFINITIONS = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
 VEGA_PLOTS = sum(isinstance(p, dict) for p in PLOT_DEFINITIONS)
@@ -43,7 +43,7 @@ def plots_pages(tmp_path_factory) -> dict[str, Path]:
     run(["dvc", "init", "-q"], repo)
     run(["git", "add", "-A"], repo)
     run(["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "reports"], repo)
-    offline_plots.install(repo)
+    offline_template.install(repo)
     assert "html_template" in (repo / ".dvc/config.local").read_text()
     assert "html_template" not in (repo / ".dvc/config").read_text()
     # a changed calibration in the workspace, so that the diff has two revisions to show

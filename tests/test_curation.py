@@ -12,9 +12,9 @@ import pytest
 from PIL import Image, ImageEnhance
 
 from kneexray import CLASSES
-from kneexray.curation import INDEX_COLUMNS, curate
-from kneexray.fingerprint import CROP_FRACTIONS, THUMB_SIDE, fingerprint, group_near_duplicates, pairwise_distance
-from kneexray.phantom import render_knee
+from kneexray.data.curation import INDEX_COLUMNS, curate
+from kneexray.data.fingerprint import CROP_FRACTIONS, THUMB_SIDE, fingerprint, group_near_duplicates, pairwise_distance
+from kneexray.data.phantom import render_knee
 
 THRESHOLD = 0.006  # extract.near_duplicate_distance in params.yaml
 DIFFICULTY = 0.3

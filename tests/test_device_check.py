@@ -10,17 +10,17 @@ import sys
 import keras
 import numpy as np
 import pytest
-from conftest import ROOT
 
 from bench import gpu_check
-from kneexray.inputs import build_augmenter
+from kneexray.model.inputs import build_augmenter
+from tests.support import ROOT
 
 
 def test_epoch_log_lines_parse_and_the_first_epoch_is_left_out():
     log = (
-        "INFO kneexray.training: epoch 0: 9.10 s, 10.0 train images/s\n"
-        "INFO kneexray.training: epoch 1: 1.00 s, 90.0 train images/s\n"
-        "INFO kneexray.training: epoch 2: 1.10 s, 80.0 train images/s\n"
+        "INFO kneexray.model.training: epoch 0: 9.10 s, 10.0 train images/s\n"
+        "INFO kneexray.model.training: epoch 1: 1.00 s, 90.0 train images/s\n"
+        "INFO kneexray.model.training: epoch 2: 1.10 s, 80.0 train images/s\n"
     )
     rates = gpu_check.epoch_rates(log)
     assert rates == [10.0, 90.0, 80.0]

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from kneexray.curation import curate
-from kneexray.images import load_grey_array
+from kneexray.data.curation import curate
+from kneexray.data.images import load_grey_array
 from kneexray.predict import load_for_model
 from tests.test_predict import full_range_image, write_dicom
 
@@ -40,7 +40,7 @@ def test_dicoms_are_curated_stored_as_png_and_read_like_predict_reads_them(tmp_p
 def test_compressed_dicoms_read_like_uncompressed_ones(tmp_path, syntax):
     import pydicom
 
-    from kneexray.dicom import read_dicom_grey
+    from kneexray.data.dicom import read_dicom_grey
 
     plain = tmp_path / "plain.dcm"
     write_dicom(plain, full_range_image(seed=3, side=64).astype(np.uint16) * 4)

@@ -1,4 +1,4 @@
-"""kneexray.download against a scripted local HTTP server (127.0.0.1 only, stopped in teardown)."""
+"""kneexray.data.download against a scripted local HTTP server (127.0.0.1 only, stopped in teardown)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from kneexray import sources
-from kneexray.download import DownloadError, _CheckedRedirects, download
+from kneexray.data import sources
+from kneexray.data.download import DownloadError, _CheckedRedirects, download
 
 PAYLOAD = os.urandom(300 * 1024)
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -205,7 +205,7 @@ def test_download_ok_with_checksum(server: Server, tmp_path: Path) -> None:
 def test_dropped_connection_resumes_with_range(server: Server, tmp_path: Path, caplog) -> None:
     server.drops_left = 2
     dest = tmp_path / "data.zip"
-    with caplog.at_level(logging.WARNING, logger="kneexray.download"):
+    with caplog.at_level(logging.WARNING, logger="kneexray.data.download"):
         download(f"{server.base}/file.bin", dest, sha256=SHA, **FAST)
     assert dest.read_bytes() == PAYLOAD
     ranges = [r for _, r in server.requests]

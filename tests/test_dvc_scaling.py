@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ALWAYS_CHANGED, ROOT, make_project, run, tool_env
 
 from bench import real_data  # the queue helpers the real-data benchmark uses
+from tests.support import ALWAYS_CHANGED, ROOT, make_project, run, tool_env
 
 pytestmark = pytest.mark.slow
 

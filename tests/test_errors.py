@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, tool_env
+
+from tests.support import ROOT, tool_env
 
 SCRIPT = """
 import argparse, sys
@@ -54,13 +55,13 @@ def test_a_bug_inside_a_library_shows_its_traceback():
     "where",
     [
         "params:ParamsError",
-        "images:ImageError",
-        "archive:ArchiveError",
-        "splitting:SplitError",
-        "download:DownloadError",
-        "metrics:MetricsError",
+        "data.images:ImageError",
+        "data.archive:ArchiveError",
+        "data.splitting:SplitError",
+        "data.download:DownloadError",
+        "evaluate.metrics:MetricsError",
         "atomic:OutputIsDirectoryError",
-        "models:WeightsUnavailable",
+        "model.networks:WeightsUnavailable",
     ],
 )
 def test_every_domain_error_has_the_one_root(where):

@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 
 from kneexray import CLASSES
-from kneexray.curation import curate
-from kneexray.evaluation import evaluate_models
-from kneexray.extraction import FINGERPRINTS_FILE, IMAGES_DIR, INDEX_FILE
-from kneexray.models import build_cnn
-from kneexray.phantom import render_knee
-from kneexray.training import save_model
+from kneexray.data.curation import curate
+from kneexray.data.extraction import FINGERPRINTS_FILE, IMAGES_DIR, INDEX_FILE
+from kneexray.data.phantom import render_knee
+from kneexray.evaluate.scoring import evaluate_models
+from kneexray.model.files import save_model
+from kneexray.model.networks import build_cnn
 
 
 def _class_folders(root, seed: int, per_class: int):

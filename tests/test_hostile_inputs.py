@@ -16,14 +16,14 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from kneexray import CLASSES
-from kneexray import archive as archive_mod
-from kneexray.archive import MAX_FOLDER_DEPTH, ArchiveError, ExtractLimits, extract_nested, find_class_dirs
-from kneexray.curation import curate
-from kneexray.dicom import read_dicom_grey
-from kneexray.extraction import extract_dataset
-from kneexray.fingerprint import fingerprint
-from kneexray.images import ImageError, inspect, load_grey_array, max_file_bytes, open_image, to_grey
-from kneexray.sources import _pack_folder
+from kneexray.data import archive as archive_mod
+from kneexray.data.archive import MAX_FOLDER_DEPTH, ArchiveError, ExtractLimits, extract_nested, find_class_dirs
+from kneexray.data.curation import curate
+from kneexray.data.dicom import read_dicom_grey
+from kneexray.data.extraction import extract_dataset
+from kneexray.data.fingerprint import fingerprint
+from kneexray.data.images import ImageError, inspect, load_grey_array, max_file_bytes, open_image, to_grey
+from kneexray.data.sources import _pack_folder
 
 CFG = {
     "max_depth": 4,
@@ -289,7 +289,7 @@ def test_a_failing_fingerprint_is_one_audit_entry(tmp_path: Path, monkeypatch) -
             raise RuntimeError("something odd in this one")
         return fingerprint(img)
 
-    monkeypatch.setattr("kneexray.curation.fingerprint", flaky)
+    monkeypatch.setattr("kneexray.data.curation.fingerprint", flaky)
     result = run_curate(dirs, tmp_path / "out")
     assert reasons(result) == {"normal/odd.jpg": "unusable image (RuntimeError: something odd in this one)"}
     assert result.audit["images_kept"] == 3
@@ -345,10 +345,10 @@ def test_predict_reports_odd_files_and_classifies_the_rest(tmp_path: Path, monke
     assert "Rows has 2 values" in predict._decode(tmp_path / "rows.dcm", 32)
     real = predict.load_for_model
 
-    def surprising(path, size):
+    def surprising(path, size, fit="squash"):
         if Path(path).name == "odd.png":
             raise KeyError("a plugin bug")
-        return real(path, size)
+        return real(path, size, fit)
 
     monkeypatch.setattr(predict, "load_for_model", surprising)
     assert predict._decode(tmp_path / "odd.png", 32) == "unusable image (KeyError: 'a plugin bug')"
@@ -435,7 +435,7 @@ def test_scratch_of_killed_runs_is_removed_and_live_ones_kept(tmp_path: Path, mo
         seen.append(scratch)
         raise ArchiveError("stop here")
 
-    monkeypatch.setattr("kneexray.extraction.extract_nested", fake_extract)
+    monkeypatch.setattr("kneexray.data.extraction.extract_nested", fake_extract)
     try:
         with pytest.raises(ArchiveError, match="stop here"):
             extract_dataset(tmp_path / "raw.zip", data / "prepared", tmp_path / "a.json", tmp_path / "d.json", CFG)
@@ -493,7 +493,7 @@ def test_decoding_memory_is_bounded_in_bytes_not_only_pixels(tmp_path, monkeypat
     up front when it would need more than MAX_DECODE_BYTES (here lowered to 32 MiB)."""
     from PIL import Image as PILImage
 
-    from kneexray import images
+    from kneexray.data import images
 
     path = tmp_path / "huge.tif"
     PILImage.fromarray(np.zeros((2000, 2000), np.float32), mode="F").save(path, compression="tiff_deflate")

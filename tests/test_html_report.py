@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
 from PIL import Image
 
-from kneexray.html_report import write_report
-from kneexray.plots import format_with_ci, summary_markdown
+from kneexray.report.figures import format_with_ci, summary_markdown
+from kneexray.report.html_page import write_report
+from tests.support import ROOT
 
 FIGURES = ("figures/cnn_curves.png", "figures/cnn_confusion.png", "figures/resnet_roc.png")
 
@@ -112,7 +112,7 @@ def test_plot_stage_writes_the_report(reports):
     args = [
         sys.executable,
         "-c",
-        "import runpy, kneexray.plots as plots; plots.make_figures = lambda **kw: []; "
+        "import runpy, kneexray.report.figures as plots; plots.make_figures = lambda **kw: []; "
         "runpy.run_module('stages.plot', run_name='__main__')",
         "--metrics",
         r / "metrics.json",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from kneexray.images import ImageError, ImageInfo, inspect, load_grey_array, open_image, to_grey, to_square
+from kneexray.data.images import ImageError, ImageInfo, inspect, load_grey_array, open_image, to_grey, to_square
 
 ORIENTATION = 0x0112
 

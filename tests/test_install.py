@@ -129,8 +129,8 @@ def test_version_and_imports_come_from_the_install(installed, outside):
 def test_installed_command_predicts_outside_the_repo(installed, outside):
     import keras
 
-    from kneexray.models import build_cnn
-    from kneexray.training import save_model
+    from kneexray.model.files import save_model
+    from kneexray.model.networks import build_cnn
 
     cwd, env = outside
     keras.utils.set_random_seed(0)

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import run
+
+from tests.support import run
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +72,7 @@ def test_killed_training_leaves_no_model_then_repro_completes(project):
 
     _set_params(project, cnn__epochs=2)
     run(["dvc", "repro", "train_cnn"], project)
-    from kneexray.training import load_model
+    from kneexray.model.files import load_model
 
     model, meta = load_model(project / "models/cnn.keras")
     assert meta["epochs_run"] == 2 and model.output_shape == (None, 3)
@@ -87,7 +88,7 @@ def test_resume_continues_from_the_last_finished_epoch(project):
     result = run([sys.executable, *TRAIN_CMD], project)
     out = result.stdout + result.stderr
     # the training log has one "epoch N/M: ..." line per finished epoch
-    first_epoch = next(line for line in out.splitlines() if re.search(r"kneexray.training: epoch \d+/", line))
+    first_epoch = next(line for line in out.splitlines() if re.search(r"kneexray.model.training: epoch \d+/", line))
     assert re.search(r"epoch (\d+)/", first_epoch).group(1) in ("3", "4"), first_epoch  # epochs 1-2 not redone
     summary = json.loads((project / "reports/train/cnn/metrics.json").read_text())
     assert summary["epochs_run"] == 4 and 1 <= summary["selected_epoch"] <= 4
@@ -100,7 +101,7 @@ def _output_hashes(project) -> dict[str, str]:
 
 
 def test_repro_twice_gives_identical_metrics_and_weights(project):
-    from kneexray.training import load_model
+    from kneexray.model.files import load_model
 
     run(["dvc", "repro"], project)
     first_metrics = (project / "reports/metrics.json").read_bytes()

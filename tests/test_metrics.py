@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from kneexray.metrics import (
+from kneexray.evaluate.metrics import (
     MetricsError,
     bootstrap_ci,
     calibration,

@@ -8,9 +8,9 @@ import zipfile
 import pytest
 
 from kneexray.errors import InputError, KneexrayError
-from kneexray.models import build_cnn
+from kneexray.model.files import META_ENTRY, load_model, read_metadata, save_model
+from kneexray.model.networks import build_cnn
 from kneexray.predict import collect_inputs
-from kneexray.training import META_ENTRY, load_model, read_metadata, save_model
 
 GOOD = {
     "model": "cnn",

@@ -12,14 +12,16 @@ import pandas as pd
 import pytest
 
 from kneexray import CLASSES
-from kneexray.baselines import majority_proba
-from kneexray.evaluation import predict_proba
-from kneexray.inputs import label_indices, load_images
-from kneexray.phantom import render_knee
+from kneexray.data.phantom import render_knee
+from kneexray.data.splitting import assign_folds
+from kneexray.evaluate.baselines import majority_proba
+from kneexray.evaluate.scoring import predict_proba
+from kneexray.model.devices import infer
+from kneexray.model.files import load_model, save_model
+from kneexray.model.inputs import label_indices, load_images
+from kneexray.model.selection import EpochSelector, no_skill, prediction_shares, score
+from kneexray.model.training import Folds, train
 from kneexray.predict import predict_files
-from kneexray.selection import EpochSelector, no_skill, prediction_shares, score
-from kneexray.splitting import assign_folds
-from kneexray.training import Folds, infer, load_model, save_model, train
 
 
 def test_selector_never_keeps_an_epoch_before_min_epochs_and_stops_after_patience():
@@ -157,7 +159,7 @@ def test_the_model_card_says_what_data_code_and_settings_made_the_model(tiny, ph
     import subprocess
     import sys
 
-    from kneexray.training import INTENDED_USE
+    from kneexray.model.card import INTENDED_USE
 
     params = _params(tiny)
     params["cnn"]["epochs"] = 1

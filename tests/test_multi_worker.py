@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kneexray.training import load_model
+from kneexray.model.files import load_model
 from tests.test_training import tiny_split  # noqa: F401  the phantom split fixture, shared
 
 ROOT = Path(__file__).resolve().parents[1]

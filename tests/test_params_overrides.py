@@ -7,7 +7,8 @@ import json
 
 import pytest
 import yaml
-from conftest import run
+
+from tests.support import run
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +43,7 @@ def test_exp_run_overrides_reach_the_training_stage(project):
     card = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     assert "overrides" in json.dumps(card)
     # what the training stage used, from the model file it wrote
-    from kneexray.training import read_metadata
+    from kneexray.model.files import read_metadata
 
     meta = read_metadata(project / "models" / "cnn.keras")
     assert meta["params"]["cnn"]["learning_rate"] == 1e-5 and meta["params"]["cnn"]["filters"] == [4, 8]

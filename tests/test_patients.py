@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kneexray.patients import audit_patient_table, check_labels, find_table, read_table, who_category
+from kneexray.data.patients import audit_patient_table, check_labels, find_table, read_table, who_category
 
 
 @pytest.mark.parametrize(
@@ -167,7 +167,7 @@ def test_table_without_the_needed_columns(tmp_path: Path) -> None:
 
 
 def test_images_of_one_patient_share_a_group():
-    from kneexray.patients import merge_patient_groups
+    from kneexray.data.patients import merge_patient_groups
 
     index = pd.DataFrame(
         {

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kneexray import CLASSES, phantom
-from kneexray.phantom import phantom_labels, render_knee, write_phantom_archive
+from kneexray import CLASSES
+from kneexray.data import phantom
+from kneexray.data.phantom import phantom_labels, render_knee, write_phantom_archive
 
 FRACTIONS = {"normal": 0.15, "osteopenia": 0.64, "osteoporosis": 0.21}
 SMALL = dict(n_images=12, class_fractions=FRACTIONS, size=48, difficulty=0.5, seed=3)

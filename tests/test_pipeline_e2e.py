@@ -6,7 +6,8 @@ import json
 
 import pytest
 import yaml
-from conftest import ALWAYS_CHANGED, run
+
+from tests.support import ALWAYS_CHANGED, run
 
 pytestmark = pytest.mark.slow
 

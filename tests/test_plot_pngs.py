@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from kneexray.plot_pngs import main, render
+from kneexray.report.pngs import main, render
 
 SPEC = {
     "$schema": "https://vega.github.io/schema/vega-lite/v5.json",

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, tiny_params
+
+from tests.support import ROOT, tiny_params
 
 OLDER_CPU = "X86_V3 X86_V4 AVX512_ICL AVX512_SPR"  # what an x86-64-v2 CPU lacks
 

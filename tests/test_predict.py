@@ -20,14 +20,14 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from kneexray import CLASSES, __version__
 from kneexray.__main__ import main
-from kneexray.dicom import read_dicom_grey
-from kneexray.evaluation import predict_proba
-from kneexray.gradcam import GradCam, gradcam, gradcam_grid, overlay, pick_examples, save_explanation
-from kneexray.images import ImageError
-from kneexray.inputs import load_images
-from kneexray.models import build_cnn, build_head, build_resnet
+from kneexray.data.dicom import read_dicom_grey
+from kneexray.data.images import ImageError
+from kneexray.evaluate.gradcam import GradCam, gradcam, gradcam_grid, overlay, pick_examples, save_explanation
+from kneexray.evaluate.scoring import predict_proba
+from kneexray.model.files import load_model, save_model
+from kneexray.model.inputs import load_images
+from kneexray.model.networks import build_cnn, build_head, build_resnet
 from kneexray.predict import collect_inputs, load_for_model, predict_files, write_csv, write_json
-from kneexray.training import load_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32

@@ -35,8 +35,8 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> Path:
     """An untrained tiny CNN: these tests are about files, not about what it predicts."""
-    from kneexray.models import build_cnn
-    from kneexray.training import save_model
+    from kneexray.model.files import save_model
+    from kneexray.model.networks import build_cnn
 
     keras.utils.set_random_seed(0)
     path = tmp_path_factory.mktemp("model") / "cnn.keras"

@@ -11,12 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import ROOT
 
 from bench import REAL_DATA as REAL
 from bench import real_data  # packs the folder as the published nested ZIP
-from kneexray.extraction import FINGERPRINTS_FILE, INDEX_FILE, extract_dataset
-from kneexray.splitting import check_leakage, split_counts, split_index
+from kneexray.data.extraction import FINGERPRINTS_FILE, INDEX_FILE, extract_dataset
+from kneexray.data.splitting import check_leakage, split_counts, split_index
+from tests.support import ROOT
 
 pytestmark = [
     pytest.mark.realdata,

@@ -3,8 +3,8 @@
 import numpy as np
 import pandas as pd
 
+from bench.shortcuts import largest_stratum_scores, metadata_only_macro_f1
 from kneexray import CLASSES
-from kneexray.shortcuts import largest_stratum_scores, metadata_only_macro_f1
 
 
 def _index(n: int, leak: bool, seed: int = 0) -> pd.DataFrame:

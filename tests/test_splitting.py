@@ -7,8 +7,16 @@ import pandas as pd
 import pytest
 
 from kneexray import CLASSES
-from kneexray.fingerprint import CROP_FRACTIONS, group_near_duplicates, pairwise_distance
-from kneexray.splitting import SPLITS, LeakageError, SplitError, check_leakage, leaking_pairs, split_counts, split_index
+from kneexray.data.fingerprint import CROP_FRACTIONS, group_near_duplicates, pairwise_distance
+from kneexray.data.splitting import (
+    SPLITS,
+    LeakageError,
+    SplitError,
+    check_leakage,
+    leaking_pairs,
+    split_counts,
+    split_index,
+)
 
 THRESHOLD = 0.006
 
@@ -195,7 +203,7 @@ def test_leaking_pairs_ignores_pairs_in_one_split_and_unknown_paths() -> None:
 
 
 def test_blocked_comparisons_find_the_same_pairs_as_the_full_matrix(monkeypatch) -> None:
-    from kneexray import fingerprint as fp
+    from kneexray.data import fingerprint as fp
 
     rng = np.random.default_rng(3)
     base = rng.normal(size=(40, len(CROP_FRACTIONS), 64))

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import run
 
 from kneexray import CLASSES
+from kneexray.data.phantom import render_knee
+from kneexray.data.tracking import content_hash, used_inputs
 from kneexray.errors import MissingInputError
-from kneexray.phantom import render_knee
-from kneexray.tracking import content_hash, used_inputs
+from tests.support import run
 
 
 def test_content_hash_follows_bytes_and_names(tmp_path):

@@ -12,9 +12,11 @@ import pandas as pd
 import pytest
 
 from kneexray import CLASSES
-from kneexray.models import RESNET_BASE_NAME, WeightsUnavailable, build_cnn, forward_flops, resnet_base
-from kneexray.phantom import render_knee
-from kneexray.training import code_digest, load_model, read_metadata, save_model, train
+from kneexray.data.phantom import render_knee
+from kneexray.model.card import code_digest
+from kneexray.model.files import load_model, read_metadata, save_model
+from kneexray.model.networks import RESNET_BASE_NAME, WeightsUnavailable, build_cnn, forward_flops, resnet_base
+from kneexray.model.training import train
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +159,8 @@ import json, sys
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from kneexray.training import choose_strategy, train
+from kneexray.model.devices import choose_strategy
+from kneexray.model.training import train
 params = json.loads(sys.argv[1])
 strategy = choose_strategy("mirrored")
 result = train("cnn", params, split_dir=sys.argv[2], data_root=sys.argv[2], live_dir=sys.argv[3])

@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kneexray import CLASSES, baselines
+from kneexray import CLASSES
 from kneexray.atomic import atomic_path, write_json, write_text
 from kneexray.errors import MissingInputError
-from kneexray.inputs import label_indices, load_images, make_dataset, read_split
+from kneexray.evaluate import baselines
+from kneexray.evaluate.metrics import chance_summary, evaluate_predictions, paired_difference
 from kneexray.layout import CLINICAL_FILE, FINGERPRINTS_FILE, INDEX_FILE
-from kneexray.metrics import chance_summary, evaluate_predictions, paired_difference
+from kneexray.model.inputs import label_indices, load_images, make_dataset, read_split
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +126,9 @@ def prepare_external(
 
     Returns its rows (path, label), the folder the paths are relative to, and what was removed.
     """
-    from kneexray.archive import ExtractLimits, extract_nested, find_class_dirs
-    from kneexray.curation import curate
-    from kneexray.fingerprint import nearest_distance
+    from kneexray.data.archive import ExtractLimits, extract_nested, find_class_dirs
+    from kneexray.data.curation import curate
+    from kneexray.data.fingerprint import nearest_distance
 
     source = Path(path).expanduser()
     if source.is_file():
@@ -195,7 +196,7 @@ def evaluate_models(
     params: dict,
 ) -> dict:
     """Each model on the test split and, with evaluate.external_path, on an external set."""
-    from kneexray.training import load_model
+    from kneexray.model.files import load_model
 
     test_csv, data_root, out_dir = Path(test_csv), Path(data_root), Path(out_dir)
     rows = read_split(test_csv)

@@ -74,7 +74,7 @@ class LeakageError(SplitError):
 def check_leakage(
     splits: dict[str, pd.DataFrame], index: pd.DataFrame, fingerprints: np.ndarray, threshold: float
 ) -> None:
-    from kneexray.fingerprint import close_pairs
+    from kneexray.data.fingerprint import close_pairs
 
     pairs = _straddling(splits, index, close_pairs(fingerprints, None, threshold))  # blocked: bounded memory
     if pairs:

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
 
 from kneexray.atomic import atomic_path  # noqa: E402
-from kneexray.images import open_image, to_grey  # noqa: E402
+from kneexray.data.images import open_image, to_grey  # noqa: E402
 
 MAX_ROWS = 12
 

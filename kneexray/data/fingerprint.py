@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageOps
 
-from kneexray.images import to_grey
+from kneexray.data.images import to_grey
 
 THUMB_SIDE = 32
 CROP_FRACTIONS = (0.0, 0.01, 0.02, 0.03, 0.04, 0.05)  # per side

@@ -9,7 +9,7 @@ Why PNGs and not vega views: the figures are the PNGs the plot stage already dra
 reports/README.md (training curves, confusion matrices, ROC, reliability, Grad-CAM: every plot of
 dvc.yaml), byte-stable, so the report's bytes depend only on the results. Inline vega views would
 need the vl-convert bundle when the stage runs and make the output depend on whether it is
-there, and add 800 kB of JavaScript; `dvc plots show` (offline template, kneexray/offline_plots.py)
+there, and add 800 kB of JavaScript; `dvc plots show` (offline template, kneexray/report/offline_template.py)
 is the interactive view.
 """
 
@@ -28,7 +28,7 @@ from markdown_it import MarkdownIt
 from kneexray.atomic import write_text
 from kneexray.errors import MissingInputError
 
-log = logging.getLogger("kneexray.html_report")
+log = logging.getLogger("kneexray.report.html_page")
 
 STYLE = """
 body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #222;
@@ -108,7 +108,7 @@ def report_html(
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{html.escape(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
         + "\n".join(parts)
-        + "\n<footer>Written by the <code>plot</code> stage (kneexray/html_report.py); "
+        + "\n<footer>Written by the <code>plot</code> stage (kneexray/report/html_page.py); "
         "one file, no network needed.</footer>\n</body>\n</html>\n"
     )
 

@@ -9,7 +9,7 @@ that sets the `vega`, `vegaLite` and `vegaEmbed` globals), and leaves out `{scri
 where DVC would put its CDN <script> tags (only the vega renderer has any; images have none).
 No Node.js or npm is involved.
 
-    python -m kneexray.offline_plots            # what `make setup` runs
+    python -m kneexray.report.offline_template            # what `make setup` runs
 
 writes build/dvc_plots_template.html and points `.dvc/config.local` at it. The setting is local to
 the clone, not committed: where the template has not been built, DVC keeps its default CDN page
@@ -28,7 +28,7 @@ from pathlib import Path
 from kneexray.atomic import write_text
 from kneexray.errors import InputError, MissingInputError
 
-log = logging.getLogger("kneexray.offline_plots")
+log = logging.getLogger("kneexray.report.offline_template")
 
 LIBRARIES = ("vega", "vega-lite", "vega-embed")
 GLOBALS = ("vega", "vegaLite", "vegaEmbed")  # what the bundle sets on window; DVC's pages call vegaEmbed
@@ -59,7 +59,7 @@ PAGE = """<!DOCTYPE html>
     <meta charset="utf-8">
     {refresh_tag}
     <title>DVC Plot</title>
-    <!-- {versions}: inlined by kneexray/offline_plots.py from vl-convert-python {vl_convert},
+    <!-- {versions}: inlined by kneexray/report/offline_template.py from vl-convert-python {vl_convert},
          so the page needs no network.
          Licences: {licences}. -->
 {inline_scripts}

@@ -2,7 +2,7 @@
 for places that show pictures but run no JavaScript: a pull-request comment, a CI artifact.
 
     dvc plots diff main --json > plots.json
-    python -m kneexray.plot_pngs plots.json --out exp_plots
+    python -m kneexray.report.pngs plots.json --out exp_plots
 """
 
 from __future__ import annotations

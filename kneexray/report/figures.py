@@ -233,9 +233,9 @@ def gradcam_figure(
     model_path: str | Path, predictions: pd.DataFrame, data_root: str | Path, title: str, per_class: int = 2
 ):
     """Grad-CAM overlays for a few test images per class, right and wrong."""
-    from kneexray.gradcam import gradcam_grid, pick_examples
-    from kneexray.inputs import label_indices, load_images
-    from kneexray.training import load_model
+    from kneexray.evaluate.gradcam import gradcam_grid, pick_examples
+    from kneexray.model.files import load_model
+    from kneexray.model.inputs import label_indices, load_images
 
     model, metadata = load_model(model_path)
     labels, predicted = label_indices(predictions["actual"]), label_indices(predictions["predicted"])

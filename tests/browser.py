@@ -3,7 +3,7 @@
 Used by the browser tests (do the pages render offline, did every plot draw) and to take the
 README's screenshot of the report:
 
-    python -m kneexray.browser reports/report.html --screenshot docs/report.png
+    python -m tests.browser reports/report.html --screenshot docs/report.png
 
 The browser sends everything through a proxy at a dead address (loopback included), so a page
 that needs the network renders without it, and every request it makes is recorded: `external()`
@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from kneexray.atomic import write_bytes
 from kneexray.errors import KneexrayError
 
-log = logging.getLogger("kneexray.browser")
+log = logging.getLogger("tests.browser")
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 LOCAL_SCHEMES = {"file", "data", "blob", "about"}

@@ -11,11 +11,11 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from kneexray.archive import walk_tree
+from kneexray.data.archive import walk_tree
 from kneexray.atomic import atomic_path, stable_zip_entry
-from kneexray.download import download, sha256_file
+from kneexray.data.download import download, sha256_file
 from kneexray.errors import InputError, MissingInputError
-from kneexray.phantom import write_phantom_archive
+from kneexray.data.phantom import write_phantom_archive
 
 log = logging.getLogger(__name__)
 

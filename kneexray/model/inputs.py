@@ -18,9 +18,9 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from kneexray import CLASSES
+from kneexray.data.images import load_grey_array
 from kneexray.errors import InputError
-from kneexray.images import load_grey_array
-from kneexray.layers import RandomScaleBrightness
+from kneexray.model.layers import RandomScaleBrightness
 
 log = logging.getLogger(__name__)
 

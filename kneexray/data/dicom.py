@@ -18,7 +18,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from kneexray.errors import InputError
-from kneexray.images import MAX_DECODE_BYTES, ImageError, read_capped
+from kneexray.data.images import MAX_DECODE_BYTES, ImageError, read_capped
 
 log = logging.getLogger(__name__)
 

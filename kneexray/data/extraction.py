@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from kneexray import CLASSES
-from kneexray.archive import ExtractLimits, extract_nested, find_class_dirs
+from kneexray.data.archive import ExtractLimits, extract_nested, find_class_dirs
 from kneexray.atomic import atomic_path, write_json
-from kneexray.audit_pairs import draw_pairs, flagged_pairs
-from kneexray.curation import curate
+from kneexray.data.audit_pairs import draw_pairs, flagged_pairs
+from kneexray.data.curation import curate
 from kneexray.errors import InputError
 from kneexray.layout import CLINICAL_FILE, FINGERPRINTS_FILE, IMAGES_DIR, INDEX_FILE
-from kneexray.patients import audit_patient_table, clinical_table, merge_patient_groups
+from kneexray.data.patients import audit_patient_table, clinical_table, merge_patient_groups
 
 try:
     import fcntl as _fcntl

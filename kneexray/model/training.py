@@ -10,27 +10,33 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import numpy as np
 import pandas as pd
-import tensorflow as tf
 from dvclive import Live
 from sklearn.utils.class_weight import compute_class_weight
 
 from kneexray import CLASSES, __version__
-from kneexray.atomic import atomic_path, stable_zip_entry
-from kneexray.errors import InputError
-from kneexray.images import FITS
-from kneexray.inputs import build_augmenter, label_indices, load_images, make_dataset, read_split
-from kneexray.layers import CaffePreprocess, GreyToRGB
-from kneexray.models import (
+from kneexray.atomic import atomic_path
+from kneexray.data.splitting import assign_folds
+from kneexray.model.card import model_card
+from kneexray.model.devices import (
+    choose_strategy,
+    configure_devices,
+    describe_strategy,
+    infer,
+    is_chief,
+    seed_everything,
+    shard_by_data,
+    work_around_keras_multi_worker,
+)
+from kneexray.model.inputs import build_augmenter, label_indices, load_images, make_dataset, read_split
+from kneexray.model.layers import CaffePreprocess, GreyToRGB
+from kneexray.model.networks import (
     average_models,
     build_cnn,
     build_head,
@@ -39,13 +45,11 @@ from kneexray.models import (
     resnet_base,
     unfreeze_top,
 )
-from kneexray.selection import EpochSelector, no_skill, prediction_shares, score, weighted_log_loss
-from kneexray.splitting import assign_folds
+from kneexray.model.selection import EpochSelector, no_skill, prediction_shares, score, weighted_log_loss
 
 log = logging.getLogger(__name__)
 
 MODEL_KINDS = ("cnn", "resnet")
-META_ENTRY = "kneexray.json"  # extra member in the .keras zip: what inference needs to know
 
 
 @dataclass
@@ -55,128 +59,12 @@ class TrainResult:
     epochs_run: int
 
 
-def seed_everything(seed: int) -> None:
-    """Same seed, same machine, same numbers: Python, NumPy and TF seeds plus deterministic ops."""
-    keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
-
-
-def configure_devices(train_cfg: dict) -> None:
-    """Threads, GPU memory growth and mixed precision, before any model is built."""
-    if train_cfg["threads"]:
-        # several queued experiments share the cores instead of each grabbing them all
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(train_cfg["threads"])
-            tf.config.threading.set_inter_op_parallelism_threads(train_cfg["threads"])
-            log.info("limited to %d TensorFlow thread(s) per pool (train.threads)", train_cfg["threads"])
-        except RuntimeError:  # TensorFlow already started in this process (tests); stages start fresh
-            log.warning("train.threads ignored: TensorFlow was already initialised in this process")
-    gpus = tf.config.list_physical_devices("GPU")
-    for gpu in gpus:  # experiments sharing a GPU must not each reserve all of its memory
-        tf.config.experimental.set_memory_growth(gpu, True)
-    policy = train_cfg["mixed_precision"]
-    if policy == "auto":
-        policy = "mixed_float16" if gpus else "float32"
-    keras.mixed_precision.set_global_policy(policy)
-
-
-def choose_strategy(name: str) -> tf.distribute.Strategy:
-    """'auto': MultiWorkerMirroredStrategy when TF_CONFIG is set, MirroredStrategy over all GPUs when
-    there are several, else the default strategy. 'mirrored' on a machine without GPUs mirrors over
-    the logical CPU devices (how the tests exercise it)."""
-    if name == "multi_worker" or (name == "auto" and os.environ.get("TF_CONFIG")):
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    gpus = tf.config.list_logical_devices("GPU")  # initialises TensorFlow: too late for collective ops above
-    if name == "mirrored" or (name == "auto" and len(gpus) > 1):
-        devices = gpus or tf.config.list_logical_devices("CPU")
-        return tf.distribute.MirroredStrategy([d.name for d in devices])
-    return tf.distribute.get_strategy()
-
-
-def is_chief(strategy: tf.distribute.Strategy | None = None) -> bool:
-    """Keras's multi-worker convention: the 'chief' task, or worker 0 when the cluster names no chief,
-    writes the outputs; the other workers only train. Without a cluster every process is the chief."""
-    resolver = getattr(strategy or tf.distribute.get_strategy(), "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
-        return True
-    if resolver.task_type == "chief":
-        return True
-    return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in resolver.cluster_spec().jobs
-
-
-def describe_strategy(strategy: tf.distribute.Strategy) -> str:
-    """One log line's worth: the strategy class, its replicas and, in a cluster, which task this is."""
-    multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)  # class: CollectiveAllReduceStrategy
-    name = "MultiWorkerMirroredStrategy" if multi_worker else type(strategy).__name__
-    text = f"{name}, {strategy.num_replicas_in_sync} replica(s) in sync"
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is not None and resolver.task_type:
-        spec = resolver.cluster_spec()
-        workers = sum(spec.num_tasks(job) for job in ("chief", "worker") if job in spec.jobs)
-        role = "chief" if is_chief(strategy) else "not the chief"
-        text += f", task {resolver.task_type}:{resolver.task_id} of {workers} workers ({role})"
-    return text
-
-
-def shard_by_data(ds: tf.data.Dataset) -> tf.data.Dataset:
-    """Multi-worker input sharding by elements. Every worker builds the same in-memory dataset (same
-    seed, so same order) and keeps only its replicas' shares of each global batch. The default (AUTO)
-    first tries FILE sharding, which has no files to split here (from_tensor_slices) and falls back
-    with a warning; OFF would feed every worker the same examples. No effect on one machine."""
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return ds.with_options(options)
-
-
 def class_weights(labels: np.ndarray, mode: str) -> dict[int, float] | None:
     if mode == "none":
         return None
     present = np.unique(labels)
     weights = compute_class_weight("balanced", classes=present, y=labels)
     return {int(c): float(w) for c, w in zip(present, weights)}
-
-
-def _work_around_keras_multi_worker(model: keras.Model, dataset: tf.data.Dataset) -> None:
-    """Two bugs of Keras 3's TensorFlow trainer (3.15 included) under MultiWorkerMirroredStrategy
-    (keras-team/keras#20585), worked around here so that fit() runs; no effect on other strategies:
-    - fit() and evaluate() learn the input shapes by all-reducing the first distributed batch, a nest
-      the strategy cannot reduce. Build the model, loss, metrics and optimizer from the dataset's
-      element spec instead (shapes are all that needs) and skip that step.
-    - every step's logs are averaged over the workers with a reduce along axis 0, which fails on the
-      scalar loss and metrics. Give them that axis: [value], averaged into the scalar Keras expects."""
-    if not isinstance(model.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return
-    if getattr(model, "_kneexray_rank1_logs", False):  # done once per model (fine-tuning fits it again)
-        return
-    with model.distribute_strategy.scope():
-        model._symbolic_build(data_batch=dataset.element_spec)
-    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
-    for name in ("train_step", "test_step"):
-        setattr(model, name, _with_rank1_logs(getattr(model, name)))
-    model._kneexray_rank1_logs = True
-
-
-def _with_rank1_logs(step):
-    def wrapped(data):
-        return keras.tree.map_structure(lambda v: tf.reshape(v, [1]) if v.shape.rank == 0 else v, step(data))
-
-    return wrapped
-
-
-def infer(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """Model outputs in inference mode: compiled predict(), or under a multi-worker strategy (whose
-    predict() would try to distribute) eager calls batch by batch. Eager calls of the ResNet50 base
-    took the train_resnet stage to 6 GiB of memory."""
-    if len(x) == 0:
-        return np.zeros((0, *model.output_shape[1:]), dtype=np.float32)
-    if isinstance(model.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return np.concatenate(
-            [
-                np.asarray(model(tf.cast(x[i : i + batch_size], tf.float32), training=False))
-                for i in range(0, len(x), batch_size)
-            ]
-        )
-    return model.predict(np.asarray(x, dtype=np.float32), batch_size=batch_size, verbose=0)
 
 
 @dataclass
@@ -345,7 +233,7 @@ def fit_folds(
     for epoch in range(start, epochs):
         seconds, train_loss, train_acc = 0.0, [], []
         for f, model in enumerate(models):
-            _work_around_keras_multi_worker(model, datasets[f])
+            work_around_keras_multi_worker(model, datasets[f])
             started = time.perf_counter()
             history = model.fit(
                 datasets[f], epochs=epoch + 1, initial_epoch=epoch, shuffle=False, class_weight=weights[f], verbose=0
@@ -569,54 +457,6 @@ def train(
     return TrainResult(model=model, metadata=metadata, epochs_run=info["epochs_run"])
 
 
-INTENDED_USE = (
-    "Research and teaching: a demonstration of a reproducible pipeline. Not a medical device; "
-    "not validated for diagnosis. Its out-of-fold figures describe the data it was trained on only."
-)
-
-
-def code_digest() -> str:
-    """sha256 over the kneexray modules this process has imported: the train stage's code deps.
-
-    Not the git commit: a clone that reruns `dvc repro` at a later commit must write the same bytes
-    (and dvc.lock must not change) when the code it ran is the same.
-    """
-    import hashlib
-    import sys
-
-    digest = hashlib.sha256()
-    package = Path(__file__).resolve().parent
-    files = {Path(f).resolve() for m in list(sys.modules.values()) if (f := getattr(m, "__file__", None))}
-    for path in sorted(f for f in files if f.is_relative_to(package) and f.suffix == ".py"):
-        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
-def model_card(kind: str, params: dict, data_root: str | Path) -> dict:
-    """What a reader of the model file needs to judge it: which data (source and the hash of the
-    extract stage's index, which lists every image's sha256), which code, which settings."""
-    import hashlib
-
-    from kneexray.layout import INDEX_FILE
-
-    index = Path(data_root) / INDEX_FILE
-    augment = params["augment"] if kind == "cnn" else {"horizontal_flip": params["augment"]["horizontal_flip"]}
-    return {
-        "data": {
-            "source": params["dataset"]["source"],
-            "index_sha256": hashlib.sha256(index.read_bytes()).hexdigest() if index.is_file() else None,
-        },
-        "code_sha256": code_digest(),
-        "params": {
-            kind: params[kind],
-            "augment": augment,
-            "image": params["image"],
-            "train": {k: v for k, v in params["train"].items() if k not in ("threads", "resume")},
-        },
-        "intended_use": INTENDED_USE,
-    }
-
-
 def _write_summary(live: Live, info: dict, oof_metrics: dict, collapsed: str | None) -> None:
     live.summary = {
         "step": info["selected_epoch"] - 1,
@@ -648,7 +488,7 @@ def _fine_tune(model: keras.Model, x, y, folds: Folds, cfg: dict, train_cfg: dic
         x[fit_idx], y[fit_idx], batch_size=batch, shuffle_seed=train_cfg["seed"], drop_remainder=not ragged_ok
     )
     val_ds = make_dataset(x[held_idx], y[held_idx], batch_size=batch, drop_remainder=not ragged_ok)
-    _work_around_keras_multi_worker(model, train_ds)
+    work_around_keras_multi_worker(model, train_ds)
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=train_cfg["patience"], restore_best_weights=True)
     history = model.fit(
         train_ds,
@@ -660,95 +500,3 @@ def _fine_tune(model: keras.Model, x, y, folds: Folds, cfg: dict, train_cfg: dic
         verbose=0,
     )
     return len(history.epoch)
-
-
-def save_model(model: keras.Model, metadata: dict, path: str | Path) -> None:
-    """Write the .keras file with our metadata inside it, atomically.
-
-    In multi-worker training only the chief writes `path`. The other workers save too, as Keras
-    advises (saving may read distributed variables, which every worker must join), but into a
-    temporary folder that is deleted at once."""
-    if is_chief(model.distribute_strategy):
-        with atomic_path(path, suffix=".keras") as tmp:
-            _write_model(model, metadata, tmp)
-        return
-    with tempfile.TemporaryDirectory(prefix="kneexray-worker-") as scratch:
-        _write_model(model, metadata, Path(scratch) / "model.keras")
-    log.info("not the chief: %s is left to the chief to write", path)
-
-
-def _renumber_shared_objects(config):
-    """Keras names objects shared between layers (the dtype policy) by their Python id(), which
-    changes with every process; only equality matters on loading, so number them 0, 1, ... instead."""
-    numbers: dict[int, int] = {}
-
-    def walk(node):
-        if isinstance(node, dict):
-            return {
-                key: numbers.setdefault(value, len(numbers)) if key == "shared_object_id" else walk(value)
-                for key, value in node.items()
-            }
-        if isinstance(node, list):
-            return [walk(value) for value in node]
-        return node
-
-    return walk(config)
-
-
-def _write_model(model: keras.Model, metadata: dict, path: Path) -> None:
-    """model.save, then the archive rewritten byte-stable: Keras stamps the save date into
-    metadata.json and the clock time onto the weights entry, so identical weights would get a new
-    md5 in dvc.lock on every `dvc repro -f`."""
-    model.save(path)
-    with zipfile.ZipFile(path) as archive:
-        entries = [(info, archive.read(info)) for info in archive.infolist()]
-    with zipfile.ZipFile(path, "w") as archive:
-        for info, data in entries:
-            if info.filename == "metadata.json":
-                keras_meta = json.loads(data)
-                keras_meta.pop("date_saved", None)
-                data = json.dumps(keras_meta).encode()
-            elif info.filename == "config.json":
-                data = json.dumps(_renumber_shared_objects(json.loads(data))).encode()
-            archive.writestr(stable_zip_entry(info.filename, info.compress_type), data)
-        archive.writestr(stable_zip_entry(META_ENTRY), json.dumps(metadata, indent=2, sort_keys=True))
-
-
-def read_metadata(path: str | Path) -> dict:
-    """The metadata a kneexray model carries, checked; a clear error for other .keras files."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            metadata = json.loads(archive.read(META_ENTRY))
-    except json.JSONDecodeError:
-        raise InputError(f"{path}: its kneexray metadata is not JSON") from None
-    except KeyError:
-        raise InputError(
-            f"{path}: a Keras model without kneexray metadata (classes, image size); train it with this pipeline"
-        ) from None
-    except zipfile.BadZipFile:
-        raise InputError(f"{path}: not a .keras model file") from None
-    _check_metadata(path, metadata)
-    return metadata
-
-
-def _check_metadata(path: str | Path, metadata: object) -> None:
-    """What inference relies on: a mapping with class names and an image size it can use."""
-    if not isinstance(metadata, dict):
-        raise InputError(f"{path}: its kneexray metadata is not a mapping")
-    classes, size = metadata.get("classes"), metadata.get("image_size")
-    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)):
-        raise InputError(f"{path}: its kneexray metadata has no list of class names")
-    if isinstance(size, bool) or not isinstance(size, int) or not 32 <= size <= 1024:
-        raise InputError(f"{path}: its kneexray metadata has no image size in [32, 1024] (got {size!r})")
-    if metadata.get("image_fit", "squash") not in FITS:
-        raise InputError(f"{path}: its kneexray metadata has an unknown image_fit {metadata['image_fit']!r}")
-
-
-def load_model(path: str | Path) -> tuple[keras.Model, dict]:
-    metadata = read_metadata(path)
-    import kneexray.layers  # noqa: F401  registers the custom layers for deserialisation
-
-    try:  # safe mode: a config that names arbitrary code (a Lambda, builtins.exec) is refused
-        return keras.saving.load_model(path, safe_mode=True), metadata
-    except (ValueError, TypeError) as err:
-        raise InputError(f"{path}: Keras refused to load it ({' '.join(str(err).split())[:300]})") from None

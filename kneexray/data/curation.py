@@ -20,10 +20,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from kneexray import CLASSES
-from kneexray.archive import walk_tree
-from kneexray.dicom import DICOM_SUFFIXES, is_dicom, read_dicom_grey
-from kneexray.fingerprint import fingerprint, group_near_duplicates
-from kneexray.images import ImageError, ImageInfo, inspect, read_capped
+from kneexray.data.archive import walk_tree
+from kneexray.data.dicom import DICOM_SUFFIXES, is_dicom, read_dicom_grey
+from kneexray.data.fingerprint import fingerprint, group_near_duplicates
+from kneexray.data.images import ImageError, ImageInfo, inspect, read_capped
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import keras
 
 from kneexray import CLASSES
 from kneexray.errors import KneexrayError, MissingInputError
-from kneexray.layers import CaffePreprocess, GreyToRGB
+from kneexray.model.layers import CaffePreprocess, GreyToRGB
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from kneexray.archive import walk_tree
+from kneexray.data.archive import walk_tree
 from kneexray.atomic import write_json
 from kneexray.errors import MissingInputError
 

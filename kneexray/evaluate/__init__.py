@@ -1,0 +1,1 @@
+"""Evaluation: metrics with bootstrap CIs, baselines, scoring models on the test set, Grad-CAM."""
