@@ -2,12 +2,7 @@
 
     python -m bench.audit_real_data [--data DIR]   (default: bench.REAL_DATA, $KNEEXRAY_REAL_DATA)
 
-Curates the real data exactly as the extract stage does (copies kept once, near-duplicates
-grouped, label conflicts dropped, labels checked against the patient table's T-scores) and
-reports the audit's counts; then 5-fold stratified CV macro-F1 (mean and spread over 5 fold seeds) of a
-balanced logistic regression on: image width/height/mode only (the shortcut), intensity
-percentiles, a 32 x 32 thumbnail, and central texture statistics (all from the 256 px greyscale
-image the models would see); and the class mix of each (size, mode) group.
+Prints JSON. Details: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -27,7 +22,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from bench import REAL_DATA
-from kneexray import CLASSES
+from kneexray import DEFAULT_CLASSES
 from kneexray.data.curation import curate
 from kneexray.data.extraction import audit_counts
 from kneexray.data.images import load_grey_array
@@ -78,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         curated = curate(
-            {c: Path(args.data) / c for c in CLASSES},
+            {c: Path(args.data) / c for c in DEFAULT_CLASSES},
             scratch,
             max_pixels=200_000_000,
             min_side=64,

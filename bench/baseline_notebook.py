@@ -3,49 +3,7 @@
     python -m bench.baseline_notebook --train-list train.csv --test-list test.csv [--out JSON]
     python -m bench.baseline_notebook --data DIR [--limit 30 --epochs-cnn 1 ...]
 
-With --train-list/--test-list (CSV files with `path,label` columns, paths to the original JPEGs) the
-caller chooses the images, so both methods can be scored on the same test images
-(bench/compare_baseline.py does that). With --data the script makes its own seeded stratified
-80/20 split of a class-folder dataset, as the notebook did.
-
-What the notebook did, and how it is reproduced here (ImageDataGenerator no longer exists in Keras 3):
-
-- Images are copied into temporary `train/<class>/` and `test/<class>/` folders (removed at the end).
-- `flow_from_directory` -> `keras.utils.image_dataset_from_directory(validation_split=0.1,
-  subset="both", seed, image_size, batch_size=32, label_mode="categorical", color_mode="rgb")`:
-  full-resolution JPEGs are decoded and resized again every epoch, as flow_from_directory did.
-  `interpolation="nearest"` is flow_from_directory's default resize, so it is used here too.
-  Difference: flow_from_directory took the first 10% of each class folder for validation;
-  image_dataset_from_directory takes a seeded random 10% of all files (not stratified).
-- ImageDataGenerator(rescale=1/255, rotation_range=15, width/height_shift_range=0.1, zoom_range=0.1,
-  horizontal_flip=True, shear_range=0.1, brightness_range=[0.8, 1.2], validation_split=0.1):
-  RandomRotation(15/360), RandomTranslation(0.1, 0.1), RandomShear, RandomZoom(0.1, 0.1) (height
-  and width drawn independently, as zoom_range did), RandomFlip("horizontal"), a multiplicative
-  brightness factor in [0.8, 1.2] clipped to [0, 255] (PIL's ImageEnhance.Brightness, which
-  ImageDataGenerator used), then the 1/255 rescale; every geometric layer fills with "nearest",
-  ImageDataGenerator's fill_mode. Keras 2's `shear_range` is an angle in DEGREES, so 0.1 means
-  +-0.1 deg (a shear factor of tan(0.1 deg) = 0.0017): faithfully reproduced, and negligible.
-  The augmentation runs on BOTH the training and the validation subsets, because the notebook
-  drew both from the same augmenting generator (its bug). Test images are only rescaled.
-- Balanced class weights: sklearn `compute_class_weight("balanced")` on the training subset's labels.
-- CNN: 3 blocks [Conv2D(n,3,same,relu)+BN, Conv2D(n,3,same,relu)+BN, MaxPool 2, Dropout 0.25],
-  n = 32, 64, 128; Flatten; Dense 256 relu + BN + Dropout 0.5; Dense 128 relu + BN + Dropout 0.5;
-  Dense 3 softmax; Adam 1e-3; 20 epochs. 26.0 M parameters at 224 px.
-- ResNet50 without top, frozen, fed the 1/255-rescaled images (the notebook's mistake: ResNet50
-  expects caffe preprocessing); GlobalAveragePooling2D; Dense 256 relu + BN + Dropout 0.5;
-  Dense 128 relu + BN + Dropout 0.5; Dense 3 softmax; Adam 1e-4; 15 epochs. ImageNet weights when
-  they are in the Keras cache, else random weights (no download is tried); the output says which.
-- Assumption: no early stopping, no checkpointing and no learning-rate schedule (the notebook had
-  none that we know of), so every epoch runs and the validation subset only costs time.
-  `verbose=2`, one line per epoch. The test images are predicted in a fixed order.
-
-Reported per model: test probabilities in the order of the given test list, the notebook's own
-figures (accuracy; weighted precision, recall and F1 as in its classification_report) and ours
-(kneexray.evaluate.metrics.evaluate_predictions: macro-F1 etc. with bootstrap 95% CIs, plus a bootstrap
-CI of the osteoporosis recall computed on the same resamples).
-
-Only numpy, pandas and scikit-learn are imported at module level; Keras is imported where a model
-or a dataset is built, so the pure helpers are cheap to import (compare_baseline.py, the tests).
+Writes bench/results/baseline_notebook.json (or --out). Details: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -65,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from bench import ROOT
-from kneexray import CLASSES
+from kneexray import DEFAULT_CLASSES
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -93,7 +51,7 @@ def list_class_folder(folder: str | Path) -> list[tuple[Path, str]]:
     """(path, label) for every image under folder/<class>/, sorted."""
     folder = Path(folder)
     items = []
-    for label in CLASSES:
+    for label in DEFAULT_CLASSES:
         for path in sorted((folder / label).rglob("*")):
             if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
                 items.append((path, label))
@@ -106,8 +64,8 @@ def stratified_subset(items: list[tuple[Path, str]], n: int, seed: int) -> list[
     if n >= len(items):
         return list(items)
     rng = np.random.default_rng(seed)
-    by_class = {c: [i for i, (_, label) in enumerate(items) if label == c] for c in CLASSES}
-    present = [c for c in CLASSES if by_class[c]]
+    by_class = {c: [i for i, (_, label) in enumerate(items) if label == c] for c in DEFAULT_CLASSES}
+    present = [c for c in DEFAULT_CLASSES if by_class[c]]
     exact = {c: n * len(by_class[c]) / len(items) for c in present}
     take = {c: max(1, math.floor(exact[c])) for c in present}
     for c in sorted(present, key=lambda c: exact[c] - math.floor(exact[c]), reverse=True):
@@ -133,12 +91,12 @@ def copy_into_class_folders(items: list[tuple[Path, str]], folder: str | Path) -
     is created, even an empty one. Returns the copies in the order of `items` (a clashing name gets
     a ~2, ~3... suffix)."""
     folder = Path(folder)
-    for label in CLASSES:
+    for label in DEFAULT_CLASSES:
         (folder / label).mkdir(parents=True, exist_ok=True)
     copies, used = [], set()
     for path, label in items:
-        if label not in CLASSES:
-            raise ValueError(f"{path}: unknown label {label!r}; expected one of {', '.join(CLASSES)}")
+        if label not in DEFAULT_CLASSES:
+            raise ValueError(f"{path}: unknown label {label!r}; expected one of {', '.join(DEFAULT_CLASSES)}")
         path = Path(path)
         name, k = path.name, 1
         while (label, name.lower()) in used:
@@ -170,7 +128,7 @@ def notebook_metrics(y_true, proba) -> dict:
 
     y_true, y_pred = np.asarray(y_true), np.asarray(proba).argmax(axis=1)
     precision, recall, f1, _ = precision_recall_fscore_support(
-        y_true, y_pred, labels=list(range(len(CLASSES))), average="weighted", zero_division=0
+        y_true, y_pred, labels=list(range(len(DEFAULT_CLASSES))), average="weighted", zero_division=0
     )
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
@@ -203,7 +161,7 @@ def paired_delta_ci(y_true, proba_a, proba_b, *, resamples: int, seed: int, leve
 
     y_true = np.asarray(y_true)
     pred_a, pred_b = np.asarray(proba_a).argmax(axis=1), np.asarray(proba_b).argmax(axis=1)
-    labels = list(range(len(CLASSES)))
+    labels = list(range(len(DEFAULT_CLASSES)))
 
     def f1(t, p):
         return f1_score(t, p, labels=labels, average="macro", zero_division=0)
@@ -242,9 +200,9 @@ def our_metrics(y_true, proba, *, resamples: int = 1000, seed: int = 0) -> dict:
     """kneexray.evaluate.metrics.evaluate_predictions (headline part) plus the osteoporosis recall and its CI."""
     from kneexray.evaluate.metrics import evaluate_predictions
 
-    result = evaluate_predictions(y_true, proba, resamples=resamples, seed=seed)
+    result = evaluate_predictions(y_true, proba, DEFAULT_CLASSES, resamples=resamples, seed=seed)
     out = {k: result[k] for k in HEADLINE_KEYS}
-    cls = CLASSES.index("osteoporosis")
+    cls = DEFAULT_CLASSES.index("osteoporosis")
     out["osteoporosis_recall"] = result["per_class"]["osteoporosis"]["recall"]
     out["ci95"] = {
         **out["ci95"],
@@ -260,7 +218,7 @@ def read_list(csv_path: str | Path) -> list[tuple[Path, str]]:
         raise SystemExit(f"error: {csv_path}: missing column(s) {', '.join(sorted(missing))}")
     items = [(Path(p), str(label)) for p, label in zip(frame["path"], frame["label"])]
     for path, label in items:
-        if label not in CLASSES:
+        if label not in DEFAULT_CLASSES:
             raise SystemExit(f"error: {csv_path}: unknown label {label!r}")
         if not path.is_file():
             raise SystemExit(f"error: {csv_path}: {path} does not exist")
@@ -325,7 +283,7 @@ def _head_and_compile(inputs, x, cfg: dict, name: str):
         x = keras.layers.Dense(units, activation="relu")(x)
         x = keras.layers.BatchNormalization()(x)
         x = keras.layers.Dropout(0.5)(x)
-    outputs = keras.layers.Dense(len(CLASSES), activation="softmax")(x)
+    outputs = keras.layers.Dense(len(DEFAULT_CLASSES), activation="softmax")(x)
     model = keras.Model(inputs, outputs, name=name)
     model.compile(
         optimizer=keras.optimizers.Adam(cfg["learning_rate"]), loss="categorical_crossentropy", metrics=["accuracy"]
@@ -364,7 +322,7 @@ def _from_directory(folder: Path, size: int, **kwargs):
         folder,
         labels="inferred",
         label_mode="categorical",
-        class_names=list(CLASSES),
+        class_names=list(DEFAULT_CLASSES),
         color_mode="rgb",
         batch_size=NOTEBOOK["batch_size"],
         image_size=(size, size),
@@ -384,7 +342,7 @@ def notebook_datasets(train_dir: Path, size: int, seed: int):
     train_raw, val_raw = _from_directory(
         train_dir, size, validation_split=NOTEBOOK["validation_split"], subset="both", seed=seed, shuffle=True
     )
-    train_labels = label_indices([Path(p).parent.name for p in train_raw.file_paths])
+    train_labels = label_indices([Path(p).parent.name for p in train_raw.file_paths], DEFAULT_CLASSES)
     present = np.unique(train_labels)
     weights = compute_class_weight("balanced", classes=present, y=train_labels)
     class_weight = {int(c): float(w) for c, w in zip(present, weights)}
@@ -425,7 +383,7 @@ def run_baseline(
     from kneexray.model.inputs import label_indices
 
     epochs = {**{m: NOTEBOOK[m]["epochs"] for m in MODEL_NAMES}, **(epochs or {})}
-    y_test = label_indices([label for _, label in test_items])
+    y_test = label_indices([label for _, label in test_items], DEFAULT_CLASSES)
     out = {
         "n_train_given": len(train_items),
         "n_test": len(test_items),
@@ -507,7 +465,7 @@ def main(argv=None) -> None:
     if args.data:
         items = list_class_folder(args.data)
         if not items:
-            sys.exit(f"error: {args.data} holds no images under {'/, '.join(CLASSES)}/")
+            sys.exit(f"error: {args.data} holds no images under {'/, '.join(DEFAULT_CLASSES)}/")
         if args.limit:
             items = stratified_subset(items, args.limit, args.seed)
         train_items, test_items = stratified_split(items, args.test_ratio, args.seed)

@@ -3,30 +3,7 @@
     python -m bench.compare_baseline                 # the real data, full settings (long: tens of minutes)
     python -m bench.compare_baseline --limit 30 --epochs 1 --image-size 64   # smoke test, a few minutes
 
-1. OURS: the real data is packed as the published nested ZIP, served on 127.0.0.1 and run through
-   `dvc exp run -S dataset.source=url ...` in a scratch clone of this repository, as
-   bench/real_data.py does (its functions are reused). The clone is of the COMMITTED HEAD: uncommitted
-   changes are not measured; the files that differ are listed under `ours.working_tree_differs`.
-   Epochs come from params.yaml (early stopping: CNN up to 30, ResNet up to 15).
-2. BASELINE: bench/baseline_notebook.py in a subprocess, trained on our train + validation images and
-   tested on our test split (the SAME test images), mapped back to the original files through
-   data/extracted/index.csv (`source` column) and checked by SHA-256. Notebook epochs (20, 15).
-3. Both sets of test probabilities are scored by the same code (kneexray.evaluate.metrics.evaluate_predictions
-   plus a bootstrap CI of the osteoporosis recall; a paired bootstrap CI of the macro-F1 difference).
-
-Time and memory: each method runs under a fresh wrapper process (`python -m bench.compare_baseline _measure`), so
-its figures are its own. Wall time is the command's end to end (ours: every DVC stage from download
-to plots; baseline: copying into class folders, training and testing both models). Memory is
-reported two ways, and the table uses the first:
-  - peak_tree_mib: the largest SUM of RSS over the whole process tree, sampled with psutil every
-    0.2 s. It is what the machine must hold at once (for ours: dvc's own process + the stage
-    running). Sampling may miss a spike shorter than 0.2 s.
-  - largest_process_mib: `getrusage(RUSAGE_CHILDREN).ru_maxrss` in the wrapper: the kernel's exact
-    high-water mark, but of the single largest process, not of the sum.
-CPU seconds (user + system over all child processes) are reported too: on a busy machine they vary
-less than wall time. The load average before and after is recorded.
-
-Writes bench/results/baseline_comparison.json and prints a Markdown table.
+Writes bench/results/baseline_comparison.json and prints a Markdown table. Details: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -47,7 +24,7 @@ from pathlib import Path
 
 from bench import REAL_DATA, ROOT, real_data
 from bench import baseline_notebook as baseline
-from kneexray import CLASSES
+from kneexray import DEFAULT_CLASSES
 from kneexray.report.figures import format_with_ci
 
 MODELS = ("cnn", "resnet")
@@ -416,13 +393,13 @@ def main() -> None:
         test_rows = splits["test"]
         from kneexray.model.inputs import label_indices  # imports TensorFlow (in this process only, not measured)
 
-        y_test = label_indices(test_rows["label"])
+        y_test = label_indices(test_rows["label"], DEFAULT_CLASSES)
         proba_ours = {}
         for m in MODELS:
             pred = pd.read_csv(repo / f"reports/eval/{m}/predictions.csv")
             if pred["path"].tolist() != test_rows["path"].tolist():
                 sys.exit(f"error: reports/eval/{m}/predictions.csv is not in test.csv's order")
-            proba_ours[m] = pred[[f"p_{c}" for c in CLASSES]].to_numpy()
+            proba_ours[m] = pred[[f"p_{c}" for c in DEFAULT_CLASSES]].to_numpy()
             ours["models"][m]["max_epochs"] = max_epochs[m]
             ours["models"][m]["metrics"] = baseline.our_metrics(
                 y_test, proba_ours[m], resamples=resamples, seed=boot_seed
@@ -497,7 +474,7 @@ def main() -> None:
         },
         "test_set": {
             "n_test": len(test_rows),
-            "per_class": {c: int((test_rows["label"] == c).sum()) for c in CLASSES},
+            "per_class": {c: int((test_rows["label"] == c).sum()) for c in DEFAULT_CLASSES},
             "paths": test_rows["path"].tolist(),
         },
         "train_set": {

@@ -3,10 +3,7 @@ instruction-set limits (imitating older CPUs) and with oneDNN off, scored on the
 
     python -m bench.cpu_tolerance [--variants native,avx2,onednn_off] [--epochs N]
 
-Needs `dvc repro split` first (reads data/split and data/extracted). Each variant runs
-`python -m stages.train cnn` in a subprocess with its environment, then scores the saved model on
-data/split/test.csv. Writes bench/results/cpu_tolerance.json: per variant the wall time, test
-accuracy and macro-F1, and the largest difference in any test probability against `native`.
+Needs `dvc repro split` first. Writes bench/results/cpu_tolerance.json. Details: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -76,7 +73,7 @@ def score(model_path: Path):
     model, meta = load_model(model_path)
     test = pd.read_csv(ROOT / "data/split/test.csv")
     proba = infer(model, load_images(test["path"], meta["image_size"], root=ROOT / "data/extracted"), 32)
-    y = label_indices(test["label"])
+    y = label_indices(test["label"], meta["classes"])
     return (
         proba,
         {

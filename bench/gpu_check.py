@@ -2,16 +2,7 @@
 
     python -m bench.gpu_check [--images 3000] [--size 224] [--batch 64] [--epochs 4] [--policies ...] [--jit]
 
-Runs the pipeline's own stage scripts (fetch, extract, split once; then `stages.train cnn` and
-`stages.train resnet` once per precision policy) in a scratch folder, and reads each epoch's
-training throughput from the training log ('epoch N: X s, Y train images/s'). Reported per model
-and policy: the median images/s over the epochs after the first (the first one traces and compiles).
-Default policies: float32 and mixed_float16 when `nvidia-smi` sees a GPU, else float32 and
-mixed_bfloat16. With several GPUs the training mirrors over all of them (train.strategy: auto), and
-image.batch_size is per replica. The ResNet50 gets ImageNet weights from the Keras cache when present,
-else random ones: the speed is the same.
-
-Prints a Markdown table and writes JSON to bench/results/gpu_check.json (or --out).
+Writes bench/results/gpu_check.json (or --out). Details: docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -2,10 +2,7 @@
 
     python -m bench.near_duplicates [--data DIR]   (default: bench.REAL_DATA, $KNEEXRAY_REAL_DATA)
 
-Prints, as JSON: the smallest fingerprint distances between distinct radiographs (different
-bytes), and the largest distance between a radiograph and an edited copy of it (resized, JPEG
-re-encoded, brighter, lower contrast, cropped 3% per side, cropped 4% on one side), measured on
-every fourth image. A good threshold sits between the two.
+Prints JSON. Details: docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -1,24 +1,8 @@
 """Run the whole pipeline on the real knee X-rays the way a user would, and report what it finds.
 
-It packs the real data (--data; default bench.REAL_DATA: $KNEEXRAY_REAL_DATA, else
-../shared/data/knee-xray-mendeley) as the published nested ZIP, serves it over HTTP on 127.0.0.1,
-and, in a scratch clone of this repository, queues one experiment per split seed with
-`dvc exp run --queue -S dataset.source=url -S dataset.url=... -S split.seed=S` and runs the queue with
-`dvc queue start`, so fetch, extract, split, both trainings, evaluate and plot all run on real data.
-The data is read from its shared path and never copied into the project.
-
     python -m bench.real_data [--seeds 42,1,2,3,4] [--train-seeds 42,7] [--jobs 1] [--set key=value ...]
 
-One 42-image test split is noisy, and so is one training run, so every split seed is run with every
-training seed (`-S train.seed=T`). Each model's accuracy, macro-F1, macro-AUC and osteoporosis recall
-are reported per run and as mean, sample SD, min and max across runs, with how many runs predict one
-class only (no skill), beat chance (the evaluate stage's random predictor at the training class
-frequencies) and beat the thumbnail logistic regression scored on the same test images. The run with the first
-seed (params.yaml's default, 42) is reported in full: data audit, per-class counts of each split,
-per-stage wall time and peak memory (each stage logs its own `ru_maxrss`), metrics with 95% CIs, and
-a check against size/colour-mode shortcuts.
-
-Prints a JSON summary and writes it to bench/results/real_data.json.
+Reads --data (default bench.REAL_DATA); writes bench/results/real_data.json. Details: docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import pandas as pd
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.metrics import f1_score
 
-from kneexray import CLASSES
+from kneexray import DEFAULT_CLASSES
 
 
 def _features(frame: pd.DataFrame) -> np.ndarray:
@@ -29,7 +29,9 @@ def metadata_only_macro_f1(index: pd.DataFrame, train_paths, test_paths, seed: i
     clf = RandomForestClassifier(n_estimators=200, random_state=seed, class_weight="balanced")
     clf.fit(_features(train), train["label"])
     return float(
-        f1_score(test["label"], clf.predict(_features(test)), labels=list(CLASSES), average="macro", zero_division=0)
+        f1_score(
+            test["label"], clf.predict(_features(test)), labels=list(DEFAULT_CLASSES), average="macro", zero_division=0
+        )
     )
 
 
@@ -43,9 +45,11 @@ def largest_stratum_scores(index: pd.DataFrame, predictions: pd.DataFrame) -> di
     return {
         "stratum": f"{width}x{height} {mode}",
         "n": n,
-        "per_class": {c: int((group["actual"] == c).sum()) for c in CLASSES},
+        "per_class": {c: int((group["actual"] == c).sum()) for c in DEFAULT_CLASSES},
         "accuracy": float((group["actual"] == group["predicted"]).mean()),
         "macro_f1": float(
-            f1_score(group["actual"], group["predicted"], labels=list(CLASSES), average="macro", zero_division=0)
+            f1_score(
+                group["actual"], group["predicted"], labels=list(DEFAULT_CLASSES), average="macro", zero_division=0
+            )
         ),
     }

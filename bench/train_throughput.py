@@ -2,11 +2,7 @@
 
     python -m bench.train_throughput [--size 224] [--batch 32] [--steps 6] [--repeats 3]
 
-For each model: images per second of `model.fit` steps on random images (after a warm-up), the
-FLOPs per training image, and their product as a fraction of the float32 matmul rate measured
-here the same way. Training FLOPs: 3x the forward pass for the CNN (forward, and backward for
-activations and weights); the forward pass alone for the frozen ResNet50 base (nothing behind
-its output needs gradients) plus 3x its small head. Prints JSON; medians of --repeats runs.
+Prints JSON. Details: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -22,10 +18,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is impor
 import keras  # noqa: E402  (after the log level is set)
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-import yaml  # noqa: E402
 
 from bench import ROOT  # noqa: E402
-from kneexray.model.networks import build_cnn, build_resnet, forward_flops, resnet_base  # noqa: E402
+from kneexray.model.networks import build_cnn, build_head, build_resnet, forward_flops, resnet_base  # noqa: E402
+from kneexray.params import load  # noqa: E402
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
@@ -65,14 +61,14 @@ def main() -> None:
     tf.config.experimental.enable_op_determinism()  # as in the pipeline
     limit = matmul_gflops()
 
-    cfg = yaml.safe_load((ROOT / "params.yaml").read_text())  # the models as the pipeline builds them
+    params = load(ROOT / "params.yaml")  # the models as the pipeline builds them
+    k = len(params.dataset.classes)
     cnn = build_cnn(
-        args.size, filters=cfg["cnn"]["filters"], dense_units=cfg["cnn"]["dense_units"], dropout=cfg["cnn"]["dropout"]
+        args.size, k, filters=params.cnn.filters, dense_units=params.cnn.dense_units, dropout=params.cnn.dropout
     )
     base, weights = resnet_base(args.size, weights="imagenet")
-    resnet = build_resnet(
-        args.size, base=base, dense_units=cfg["resnet"]["dense_units"], dropout=cfg["resnet"]["dropout"]
-    )
+    head = build_head(base.output_shape[-1], k, dense_units=params.resnet.dense_units, dropout=params.resnet.dropout)
+    resnet = build_resnet(args.size, base=base, head=head)
     head_flops = forward_flops(resnet) - forward_flops(base)
     results = {
         "cnn_parameters": cnn.count_params(),

@@ -24,7 +24,7 @@ log = logging.getLogger("kneexray")
 USER_ERRORS: tuple[type[BaseException], ...] = (KneexrayError, OSError)
 
 
-def run(main: Callable[[argparse.Namespace, dict], None], parser: argparse.ArgumentParser) -> None:
+def run(main: Callable[[argparse.Namespace, params_module.Params], None], parser: argparse.ArgumentParser) -> None:
     """Parse arguments, validate params.yaml, run `main`, and turn user errors into one line + exit 1."""
     parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     parser.add_argument("-v", "--verbose", action="store_true", help="on an error, show its traceback too")

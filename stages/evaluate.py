@@ -3,9 +3,10 @@
 import argparse
 
 from kneexray import stage
+from kneexray.params import Params
 
 
-def main(args: argparse.Namespace, params: dict) -> None:
+def main(args: argparse.Namespace, params: Params) -> None:
     from kneexray.evaluate.scoring import evaluate_models
 
     models = dict(item.split("=", 1) for item in args.model)

@@ -5,11 +5,14 @@ import kneexray.portable  # noqa: F401, I001  first, before numpy: the same byte
 import argparse
 
 from kneexray import stage
+from kneexray.params import Params
 from kneexray.data.extraction import extract_dataset
 
 
-def main(args: argparse.Namespace, params: dict) -> None:
-    audit = extract_dataset(args.archive, args.out, args.audit, args.audit_details, params["extract"], args.audit_pairs)
+def main(args: argparse.Namespace, params: Params) -> None:
+    audit = extract_dataset(
+        args.archive, args.out, args.audit, args.audit_details, params.extract, params.dataset.classes, args.audit_pairs
+    )
     stage.log.info(
         "kept %d images %s; %d unreadable, %d exact copies removed, %d label conflicts",
         audit["images_kept"],

@@ -5,11 +5,12 @@ import kneexray.portable  # noqa: F401, I001  first, before numpy: the same byte
 import argparse
 
 from kneexray import stage
+from kneexray.params import Params
 from kneexray.data import sources
 
 
-def main(args: argparse.Namespace, params: dict) -> None:
-    info = sources.fetch(params, args.out)
+def main(args: argparse.Namespace, params: Params) -> None:
+    info = sources.fetch(params.dataset, params.phantom, args.out)
     stage.log.info("fetched %s: %d bytes, sha256 %s", info["source"], info["bytes"], info["sha256"])
 
 

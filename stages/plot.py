@@ -4,11 +4,12 @@ a self-contained HTML report."""
 import argparse
 
 from kneexray import stage
+from kneexray.params import Params
 from kneexray.report.figures import make_figures
 from kneexray.report.html_page import write_report
 
 
-def main(args: argparse.Namespace, params: dict) -> None:
+def main(args: argparse.Namespace, params: Params) -> None:
     live_dirs = dict(item.split("=", 1) for item in args.live)
     written = make_figures(
         metrics_path=args.metrics,

@@ -3,29 +3,31 @@
 import kneexray.portable  # noqa: F401, I001  first, before numpy: the same bytes on any x86-64 CPU
 
 import argparse
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from kneexray import stage
+from kneexray.params import Params
 from kneexray.atomic import atomic_path, write_json
 from kneexray.layout import FINGERPRINTS_FILE, INDEX_FILE
 from kneexray.data.splitting import check_leakage, split_counts, split_index
 
 
-def main(args: argparse.Namespace, params: dict) -> None:
-    cfg = params["split"]
+def main(args: argparse.Namespace, params: Params) -> None:
+    cfg, classes = params.split, params.dataset.classes
     data = Path(args.data)
     index = pd.read_csv(data / INDEX_FILE)
-    splits = split_index(index, **cfg)  # the split section is exactly its keyword arguments
-    check_leakage(splits, index, np.load(data / FINGERPRINTS_FILE), params["extract"]["near_duplicate_distance"])
+    splits = split_index(index, classes, **asdict(cfg))  # the split section is exactly its keyword arguments
+    check_leakage(splits, index, np.load(data / FINGERPRINTS_FILE), params.extract.near_duplicate_distance)
     with atomic_path(args.out) as tmp:
         tmp.mkdir()
         for name, part in splits.items():
             part[["path", "label", "group"]].to_csv(tmp / f"{name}.csv", index=False)
-    counts = split_counts(splits)
-    write_json(args.report, {"images_per_split": counts, "leakage_pairs": 0, "seed": cfg["seed"]})
+    counts = split_counts(splits, classes)
+    write_json(args.report, {"images_per_split": counts, "leakage_pairs": 0, "seed": cfg.seed})
     stage.log.info("split: %s", counts)
 
 

@@ -3,9 +3,10 @@
 import argparse
 
 from kneexray import stage
+from kneexray.params import Params
 
 
-def main(args: argparse.Namespace, params: dict) -> None:
+def main(args: argparse.Namespace, params: Params) -> None:
     from kneexray.data.tracking import write_hashes
 
     for name, record in write_hashes(params, args.out).items():

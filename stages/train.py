@@ -3,9 +3,10 @@
 import argparse
 
 from kneexray import stage
+from kneexray.params import Params
 
 
-def main(args: argparse.Namespace, params: dict) -> None:
+def main(args: argparse.Namespace, params: Params) -> None:
     from kneexray.model.devices import is_chief  # TensorFlow loads after params are validated
     from kneexray.model.files import save_model
     from kneexray.model.training import train

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import make_project, tiny_params
+from tests.support import make_project, run, tiny_params
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Keras' cache (ImageNet weights) of this run only, so the results don't depend on the machine's
@@ -31,3 +31,21 @@ def tiny():
 @pytest.fixture
 def project(tmp_path) -> Path:
     return make_project(tmp_path / "repo")
+
+
+@pytest.fixture(scope="session")
+def reproduced_project(tmp_path_factory) -> Path:
+    """One tiny project, `dvc repro`-ed from scratch and committed once per session; tests that
+    start from a reproduced pipeline take a copy (`reproduced`) instead of rebuilding it."""
+    repo = make_project(tmp_path_factory.mktemp("reproduced") / "repo")
+    run(["dvc", "repro"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "reproduced"], repo)
+    return repo
+
+
+@pytest.fixture
+def reproduced(reproduced_project, tmp_path) -> Path:
+    copy = tmp_path / "repo"
+    shutil.copytree(reproduced_project, copy, symlinks=True)
+    return copy

@@ -14,7 +14,7 @@ import pytest
 from kneexray.data import archive as archive_mod
 from kneexray.data.archive import ArchiveError, ExtractLimits, extract_nested, find_class_dirs
 
-CLASSES = ("normal", "osteopenia", "osteoporosis")
+DEFAULT_CLASSES = ("normal", "osteopenia", "osteoporosis")
 
 
 def zip_bytes(entries: dict[str, bytes] | list[tuple[str, bytes]], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
@@ -97,14 +97,14 @@ def test_nested_zip_extracted_and_classes_found(tmp_path: Path) -> None:
     assert all(p.is_file() for p in files)
     assert (dest / "dataset/Knee/Knee-X-ray/osteo porosis/o2.jpg").read_bytes() == b"o2"
 
-    found = find_class_dirs(dest, CLASSES)
+    found = find_class_dirs(dest, DEFAULT_CLASSES)
     base = dest / "dataset/Knee/Knee-X-ray"
     assert found == {
         "normal": base / "Normal",
         "osteopenia": base / "OSTEOPENIA",
         "osteoporosis": base / "osteo porosis",
     }
-    assert list(found) == list(CLASSES)
+    assert list(found) == list(DEFAULT_CLASSES)
 
 
 def test_dest_may_exist_empty_and_is_kept_empty_on_error(tmp_path: Path) -> None:
@@ -358,7 +358,7 @@ def test_find_class_dirs_variants_and_ignored_copies(tmp_path: Path) -> None:
         ".cache/osteopenia",
         ".cache/osteoporosis",
     )
-    found = find_class_dirs(tmp_path, CLASSES)
+    found = find_class_dirs(tmp_path, DEFAULT_CLASSES)
     assert found == {
         "normal": tmp_path / "x/data/normal_",
         "osteopenia": tmp_path / "x/data/Osteo-Penia",
@@ -368,13 +368,13 @@ def test_find_class_dirs_variants_and_ignored_copies(tmp_path: Path) -> None:
 
 def test_find_class_dirs_at_root(tmp_path: Path) -> None:
     make_dirs(tmp_path, "Normal", "Osteopenia", "Osteoporosis", "Normal/extra")
-    assert find_class_dirs(tmp_path, CLASSES)["normal"] == tmp_path / "Normal"
+    assert find_class_dirs(tmp_path, DEFAULT_CLASSES)["normal"] == tmp_path / "Normal"
 
 
 def test_find_class_dirs_none_lists_found_folders(tmp_path: Path) -> None:
     make_dirs(tmp_path, "images/Normal", "images/Osteopenia", "images/Other")
     with pytest.raises(ArchiveError) as info:
-        find_class_dirs(tmp_path, CLASSES)
+        find_class_dirs(tmp_path, DEFAULT_CLASSES)
     message = str(info.value)
     assert "osteoporosis" in message
     for name in ("images", "images/Normal", "images/Osteopenia", "images/Other"):
@@ -384,18 +384,18 @@ def test_find_class_dirs_none_lists_found_folders(tmp_path: Path) -> None:
 
 def test_find_class_dirs_lists_at_most_20(tmp_path: Path) -> None:
     make_dirs(tmp_path, *[f"d{i:02d}" for i in range(30)])
-    message = str(pytest.raises(ArchiveError, find_class_dirs, tmp_path, CLASSES).value)
+    message = str(pytest.raises(ArchiveError, find_class_dirs, tmp_path, DEFAULT_CLASSES).value)
     assert "d19" in message and "d20" not in message and "10 more" in message
 
 
 def test_find_class_dirs_ambiguous(tmp_path: Path) -> None:
-    make_dirs(tmp_path, *[f"{split}/{c}" for split in ("train", "test") for c in CLASSES])
+    make_dirs(tmp_path, *[f"{split}/{c}" for split in ("train", "test") for c in DEFAULT_CLASSES])
     with pytest.raises(ArchiveError, match="several folders") as info:
-        find_class_dirs(tmp_path, CLASSES)
+        find_class_dirs(tmp_path, DEFAULT_CLASSES)
     assert "train" in str(info.value) and "test" in str(info.value)
 
 
 def test_find_class_dirs_two_spellings_of_one_class(tmp_path: Path) -> None:
     make_dirs(tmp_path, "d/Normal", "d/normal_", "d/osteopenia", "d/osteoporosis")
     with pytest.raises(ArchiveError, match="same class"):
-        find_class_dirs(tmp_path, CLASSES)
+        find_class_dirs(tmp_path, DEFAULT_CLASSES)

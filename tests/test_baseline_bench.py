@@ -19,7 +19,7 @@ import pytest
 from bench import ROOT
 from bench import baseline_notebook as baseline
 from bench import compare_baseline as compare
-from kneexray import CLASSES
+from kneexray import DEFAULT_CLASSES
 
 
 def test_baseline_cnn_has_the_notebooks_architecture_and_26m_parameters():
@@ -62,7 +62,7 @@ def test_notebook_folders_lay_out_by_class_keep_order_and_clean_up(tmp_path):
     clash = _images(tmp_path / "b", {"osteopenia": ["OP1.JPEG"]})  # same name, other file
     test = _images(tmp_path / "c", {"osteoporosis": ["OS1.jpg"], "normal": ["N2.jpg"]})
     with baseline.notebook_folders(train + clash, test, tmp_path) as (train_dir, test_dir, copies):
-        assert sorted(p.name for p in train_dir.iterdir()) == sorted(CLASSES)  # empty class folder too
+        assert sorted(p.name for p in train_dir.iterdir()) == sorted(DEFAULT_CLASSES)  # empty class folder too
         assert sorted(p.name for p in (train_dir / "osteopenia").iterdir()) == ["OP1.JPEG", "OP1~2.JPEG", "OP2.jpg"]
         assert (train_dir / "osteopenia" / "OP1~2.JPEG").read_bytes() == clash[0][0].read_bytes()
         assert [p.relative_to(test_dir).as_posix() for p in copies] == ["osteoporosis/OS1.jpg", "normal/N2.jpg"]
@@ -76,7 +76,7 @@ def test_notebook_folders_lay_out_by_class_keep_order_and_clean_up(tmp_path):
 
 
 def test_stratified_subset_keeps_every_class_and_the_size(tmp_path):
-    items = [(Path(f"{c}/{i}.jpg"), c) for c, n in zip(CLASSES, (36, 154, 49)) for i in range(n)]
+    items = [(Path(f"{c}/{i}.jpg"), c) for c, n in zip(DEFAULT_CLASSES, (36, 154, 49)) for i in range(n)]
     subset = baseline.stratified_subset(items, 30, seed=1)
     counts = pd.Series([label for _, label in subset]).value_counts()
     assert len(subset) == 30 and counts["normal"] == 5 and counts["osteopenia"] == 19 and counts["osteoporosis"] == 6

@@ -22,6 +22,8 @@ from kneexray.report.html_page import write_report
 from tests.browser import IMAGES_DECODED, Browser, BrowserError, find_chromium
 from tests.support import ROOT, run
 
+pytestmark = pytest.mark.slow  # not in make test-fast
+
 PLOT_DEFINITIONS = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
 VEGA_PLOTS = sum(isinstance(p, dict) for p in PLOT_DEFINITIONS)
 IMAGE_PLOTS = len(list((ROOT / "reports/figures").glob("*.png"))) + 1  # + data_audit_pairs.png

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageEnhance
 
-from kneexray import CLASSES
+from kneexray import DEFAULT_CLASSES
 from kneexray.data.curation import INDEX_COLUMNS, curate
 from kneexray.data.fingerprint import CROP_FRACTIONS, THUMB_SIDE, fingerprint, group_near_duplicates, pairwise_distance
 from kneexray.data.phantom import render_knee
@@ -79,7 +79,7 @@ def test_near_duplicates_are_within_the_threshold(name: str) -> None:
 
 
 def test_distinct_knees_are_all_above_the_threshold() -> None:
-    images = [knee(i, CLASSES[i % 3]) for i in range(30)]
+    images = [knee(i, DEFAULT_CLASSES[i % 3]) for i in range(30)]
     dist = pairwise_distance(np.stack([fingerprint(img) for img in images]))
     off_diagonal = dist[np.triu_indices(len(images), k=1)]
     assert off_diagonal.min() > THRESHOLD, f"closest distinct pair at {off_diagonal.min():.4f}"
@@ -134,7 +134,7 @@ def save_jpeg(img: Image.Image, path: Path, quality: int = 92) -> Path:
 def raw(tmp_path: Path) -> dict[str, Path]:
     """Class folders with one of each problem the published data has."""
     root = tmp_path / "raw"
-    dirs = {c: root / c.capitalize() for c in CLASSES}
+    dirs = {c: root / c.capitalize() for c in DEFAULT_CLASSES}
     # normal: N1 and an exact byte copy of it in a subfolder; N2 whose bytes also sit under osteopenia
     n1 = save_jpeg(knee(1, "normal"), dirs["normal"] / "N1.jpg")
     (dirs["normal"] / "sub").mkdir()
@@ -243,7 +243,7 @@ def test_curate_keep_conflicts(raw: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_near_duplicate_under_another_class_is_a_conflict_too(tmp_path: Path) -> None:
-    dirs = {c: tmp_path / c for c in CLASSES}
+    dirs = {c: tmp_path / c for c in DEFAULT_CLASSES}
     img = knee(20, "osteopenia")
     save_jpeg(img, dirs["osteopenia"] / "OP1.jpg")
     save_jpeg(img.resize((img.width * 3 // 2, img.height * 3 // 2)), dirs["osteoporosis"] / "OS1.jpg", quality=70)
@@ -263,7 +263,7 @@ def test_curate_fingerprints_align_with_the_index(raw: dict[str, Path], tmp_path
 
 
 def test_curate_with_nothing_usable(tmp_path: Path) -> None:
-    dirs = {c: tmp_path / c for c in CLASSES}
+    dirs = {c: tmp_path / c for c in DEFAULT_CLASSES}
     for d in dirs.values():
         d.mkdir()
     (dirs["normal"] / "x.jpg").write_bytes(b"")
@@ -276,7 +276,7 @@ def test_curate_with_nothing_usable(tmp_path: Path) -> None:
 
 def test_flattened_names_do_not_overwrite_each_other(tmp_path: Path) -> None:
     # nested folders are flattened with "__": "a/N1.jpg" and a file literally named "a__N1.jpg"
-    dirs = {c: tmp_path / "raw" / c for c in CLASSES}
+    dirs = {c: tmp_path / "raw" / c for c in DEFAULT_CLASSES}
     save_jpeg(knee(30, "normal"), dirs["normal"] / "a" / "N1.jpg")
     save_jpeg(knee(31, "normal"), dirs["normal"] / "a__N1.jpg")
     save_jpeg(knee(32, "osteopenia"), dirs["osteopenia"] / "OP1.jpg")

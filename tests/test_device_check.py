@@ -13,6 +13,7 @@ import pytest
 
 from bench import gpu_check
 from kneexray.model.inputs import build_augmenter
+from kneexray.params import AugmentParams
 from tests.support import ROOT
 
 
@@ -33,7 +34,7 @@ def test_augmenter_stays_float32_under_a_mixed_precision_policy():
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
         augmenter = build_augmenter(
-            {"horizontal_flip": True, "rotation_deg": 15, "shift": 0.1, "zoom": 0.1, "brightness": [0.8, 1.2]}, seed=0
+            AugmentParams(horizontal_flip=True, rotation_deg=15, shift=0.1, zoom=0.1, brightness=(0.8, 1.2)), seed=0
         )
     finally:
         keras.mixed_precision.set_global_policy("float32")

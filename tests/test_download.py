@@ -17,8 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from kneexray import DEFAULT_CLASSES
 from kneexray.data import sources
 from kneexray.data.download import DownloadError, _CheckedRedirects, download
+from kneexray.params import DatasetParams, load
+from tests.support import ROOT
 
 PAYLOAD = os.urandom(300 * 1024)
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -506,10 +509,14 @@ def test_local_file_that_is_not_a_zip(tmp_path: Path) -> None:
         download((tmp_path / "page.html").as_uri(), tmp_path / "out" / "d.zip", require_zip=True, progress=False)
 
 
-def url_params(url: str, **dataset) -> dict:
-    return {
-        "dataset": {
+PHANTOM = load(ROOT / "params.yaml").phantom  # unused by a URL source
+
+
+def url_params(url: str, **dataset) -> DatasetParams:
+    return DatasetParams(
+        **{
             "source": "url",
+            "classes": DEFAULT_CLASSES,
             "url": url,
             "path": "",
             "sha256": "",
@@ -520,20 +527,20 @@ def url_params(url: str, **dataset) -> dict:
             "min_rate_kbps": 1,
             **dataset,
         }
-    }
+    )
 
 
 def test_fetch_stage_refuses_an_html_page_in_one_line(server: Server, tmp_path: Path) -> None:
     out = tmp_path / "raw" / "dataset.zip"
     with pytest.raises(RuntimeError, match="is not a ZIP archive") as info:
-        sources.fetch(url_params(f"{server.base}/html"), out)
+        sources.fetch(url_params(f"{server.base}/html"), PHANTOM, out)
     assert "\n" not in str(info.value)
     assert not out.exists()
-    assert sources.fetch(url_params(f"{server.base}/zip"), out)["bytes"] == len(ZIP)
+    assert sources.fetch(url_params(f"{server.base}/zip"), PHANTOM, out)["bytes"] == len(ZIP)
 
 
 def test_fetch_stage_passes_the_deadline_through(server: Server, tmp_path: Path) -> None:
     started = time.monotonic()
     with pytest.raises(RuntimeError, match="overall deadline of 0.5 s"):
-        sources.fetch(url_params(f"{server.base}/trickle-headers", deadline_s=0.5), tmp_path / "d.zip")
+        sources.fetch(url_params(f"{server.base}/trickle-headers", deadline_s=0.5), PHANTOM, tmp_path / "d.zip")
     assert time.monotonic() - started < 2.0

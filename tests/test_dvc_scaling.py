@@ -15,27 +15,17 @@ import pytest
 import yaml
 
 from bench import real_data  # the queue helpers the real-data benchmark uses
-from tests.support import ALWAYS_CHANGED, ROOT, make_project, run, tool_env
+from tests.support import ALWAYS_CHANGED, ROOT, run, tool_env
 
 pytestmark = pytest.mark.slow
 
 OUTPUTS = ("data/raw/dataset.zip", "data/extracted", "data/split", "models/cnn.keras", "models/resnet.keras")
 
 
-@pytest.fixture(scope="module")
-def reproduced(tmp_path_factory) -> Path:
-    repo = make_project(tmp_path_factory.mktemp("reproduced") / "repo")
-    run(["dvc", "repro"], repo)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "reproduced"], repo)
-    return repo
-
-
 @pytest.fixture
-def repo(reproduced, tmp_path) -> Path:
-    copy = tmp_path / "repo"
-    shutil.copytree(reproduced, copy, symlinks=True)
-    return copy
+def repo(reproduced) -> Path:
+    """A copy of the session's reproduced tiny project (conftest.reproduced)."""
+    return reproduced
 
 
 def _digest(path: Path) -> str:

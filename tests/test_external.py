@@ -8,23 +8,24 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kneexray import CLASSES
+from kneexray import DEFAULT_CLASSES
 from kneexray.data.curation import curate
 from kneexray.data.extraction import FINGERPRINTS_FILE, IMAGES_DIR, INDEX_FILE
 from kneexray.data.phantom import render_knee
 from kneexray.evaluate.scoring import evaluate_models
 from kneexray.model.files import save_model
 from kneexray.model.networks import build_cnn
+from kneexray.params import validate
 
 
 def _class_folders(root, seed: int, per_class: int):
-    for label in CLASSES:
+    for label in DEFAULT_CLASSES:
         (root / label).mkdir(parents=True)
         for i in range(per_class):
-            render_knee(np.random.default_rng([seed, CLASSES.index(label), i]), label, size=96).save(
+            render_knee(np.random.default_rng([seed, DEFAULT_CLASSES.index(label), i]), label, size=96).save(
                 root / label / f"{i}.jpg"
             )
-    return {label: root / label for label in CLASSES}
+    return {label: root / label for label in DEFAULT_CLASSES}
 
 
 @pytest.fixture
@@ -50,8 +51,13 @@ def pipeline_outputs(tmp_path, tiny):
     index.iloc[:0].to_csv(split / "val.csv", index=False)
     model = tmp_path / "cnn.keras"
     save_model(
-        build_cnn(32, filters=[4, 8], dense_units=4, dropout=0.1),
-        {"model": "cnn", "classes": list(CLASSES), "image_size": 32, "weights_source": "none (trained from scratch)"},
+        build_cnn(32, 3, filters=[4, 8], dense_units=4, dropout=0.1),
+        {
+            "model": "cnn",
+            "classes": list(DEFAULT_CLASSES),
+            "image_size": 32,
+            "weights_source": "none (trained from scratch)",
+        },
         model,
     )
     return tmp_path, data, split, model, index
@@ -71,10 +77,12 @@ def test_external_set_is_scored_without_copies_of_training_images(pipeline_outpu
         data_root=data,
         out_dir=root / "reports" / "eval",
         metrics_path=root / "reports" / "metrics.json",
-        params=params,
+        params=validate(params),
     )
     assert summary["external_data"]["copies_of_training_images_removed"] == 1
-    assert summary["external_data"]["n"] == 9 and summary["external_data"]["per_class"] == {c: 3 for c in CLASSES}
+    assert summary["external_data"]["n"] == 9 and summary["external_data"]["per_class"] == {
+        c: 3 for c in DEFAULT_CLASSES
+    }
     external_scores = summary["cnn"]["external"]
     assert 0 <= external_scores["accuracy"] <= 1 and "ci95" in external_scores
     predictions = pd.read_csv(root / "reports" / "eval" / "cnn_external" / "predictions.csv")
@@ -92,5 +100,5 @@ def test_missing_external_path_is_a_clear_error(pipeline_outputs, tiny):
             data_root=data,
             out_dir=root / "reports" / "eval",
             metrics_path=root / "m.json",
-            params=params,
+            params=validate(params),
         )

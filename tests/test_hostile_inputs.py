@@ -15,7 +15,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from kneexray import CLASSES
+from kneexray import DEFAULT_CLASSES
 from kneexray.data import archive as archive_mod
 from kneexray.data.archive import MAX_FOLDER_DEPTH, ArchiveError, ExtractLimits, extract_nested, find_class_dirs
 from kneexray.data.curation import curate
@@ -24,16 +24,17 @@ from kneexray.data.extraction import extract_dataset
 from kneexray.data.fingerprint import fingerprint
 from kneexray.data.images import ImageError, inspect, load_grey_array, max_file_bytes, open_image, to_grey
 from kneexray.data.sources import _pack_folder
+from kneexray.params import ExtractParams
 
-CFG = {
-    "max_depth": 4,
-    "max_total_mb": 8192,
-    "max_ratio": 200,
-    "max_pixels": 10**7,
-    "min_side": 32,
-    "near_duplicate_distance": 0.006,
-    "keep_conflicts": False,
-}
+CFG = ExtractParams(
+    max_depth=4,
+    max_total_mb=8192,
+    max_ratio=200,
+    max_pixels=10**7,
+    min_side=32,
+    near_duplicate_distance=0.006,
+    keep_conflicts=False,
+)
 
 
 def zip_of(entries: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
@@ -66,7 +67,7 @@ def knee_jpeg(seed: int, side: int = 96, **kwargs) -> bytes:
 
 
 def class_dirs(root: Path) -> dict[str, Path]:
-    dirs = {c: root / c for c in CLASSES}
+    dirs = {c: root / c for c in DEFAULT_CLASSES}
     for i, folder in enumerate(dirs.values()):
         folder.mkdir(parents=True)
         (folder / f"good{i}.jpg").write_bytes(knee_jpeg(i))
@@ -109,7 +110,7 @@ def test_expansion_over_all_levels_is_bounded_by_the_archive_size(tmp_path: Path
 
 
 def test_the_real_layout_is_within_the_budget(tmp_path: Path) -> None:
-    inner = zip_of({f"{c}/{c}{i}.jpg": knee_jpeg(i) for c in CLASSES for i in range(2)}, zipfile.ZIP_STORED)
+    inner = zip_of({f"{c}/{c}{i}.jpg": knee_jpeg(i) for c in DEFAULT_CLASSES for i in range(2)}, zipfile.ZIP_STORED)
     src = tmp_path / "ok.zip"
     src.write_bytes(zip_of({"data/knees.zip": inner}))
     assert len(extract_nested(src, tmp_path / "out")) == 6
@@ -394,7 +395,7 @@ def test_a_very_deep_folder_is_a_one_line_error(tmp_path: Path, deep_folder: Pat
         with pytest.raises(ArchiveError, match=f"more than {MAX_FOLDER_DEPTH} levels deep"):
             run_curate(dirs, tmp_path / "out")
         with pytest.raises(ArchiveError, match=f"more than {MAX_FOLDER_DEPTH} levels deep"):
-            find_class_dirs(tmp_path / "raw", CLASSES)
+            find_class_dirs(tmp_path / "raw", DEFAULT_CLASSES)
         with pytest.raises(ArchiveError, match=f"more than {MAX_FOLDER_DEPTH} levels deep"):
             _pack_folder(tmp_path / "raw", tmp_path / "raw.zip")
     finally:
@@ -438,7 +439,9 @@ def test_scratch_of_killed_runs_is_removed_and_live_ones_kept(tmp_path: Path, mo
     monkeypatch.setattr("kneexray.data.extraction.extract_nested", fake_extract)
     try:
         with pytest.raises(ArchiveError, match="stop here"):
-            extract_dataset(tmp_path / "raw.zip", data / "prepared", tmp_path / "a.json", tmp_path / "d.json", CFG)
+            extract_dataset(
+                tmp_path / "raw.zip", data / "prepared", tmp_path / "a.json", tmp_path / "d.json", CFG, DEFAULT_CLASSES
+            )
     finally:
         os.close(fd)
     assert not stale.exists() and live.is_dir() and other.is_dir() and (data / ".extract-a-file").is_file()

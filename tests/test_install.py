@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kneexray import CLASSES, __version__
+from kneexray import DEFAULT_CLASSES, __version__
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -134,10 +134,10 @@ def test_installed_command_predicts_outside_the_repo(installed, outside):
 
     cwd, env = outside
     keras.utils.set_random_seed(0)
-    model = build_cnn(SIZE, filters=[4], dense_units=4, dropout=0.0)  # untrained: the output's shape is the test
+    model = build_cnn(SIZE, 3, filters=[4], dense_units=4, dropout=0.0)  # untrained: the output's shape is the test
     metadata = {
         "model": "cnn",
-        "classes": list(CLASSES),
+        "classes": list(DEFAULT_CLASSES),
         "image_size": SIZE,
         "weights_source": "none (trained from scratch)",
         "kneexray_version": __version__,
@@ -154,7 +154,7 @@ def test_installed_command_predicts_outside_the_repo(installed, outside):
     assert "tiny.keras: cnn model, 32 px, 1 file(s)" in result.stderr
     rows = json.loads((cwd / "out.json").read_text())
     assert [row["path"] for row in rows] == ["knee.png"]
-    assert rows[0]["predicted"] in CLASSES
+    assert rows[0]["predicted"] in DEFAULT_CLASSES
     assert sum(rows[0]["probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
 
 

@@ -100,10 +100,10 @@ def _output_hashes(project) -> dict[str, str]:
     return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
 
 
-def test_repro_twice_gives_identical_metrics_and_weights(project):
+def test_repro_twice_gives_identical_metrics_and_weights(reproduced):
     from kneexray.model.files import load_model
 
-    run(["dvc", "repro"], project)
+    project = reproduced  # the first `dvc repro`, shared by the session
     first_metrics = (project / "reports/metrics.json").read_bytes()
     first = {m: load_model(project / f"models/{m}.keras")[0].get_weights() for m in ("cnn", "resnet")}
     first_lock = _output_hashes(project)

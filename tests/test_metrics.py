@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from kneexray import DEFAULT_CLASSES
 from kneexray.evaluate.metrics import (
     MetricsError,
     bootstrap_ci,
@@ -44,7 +45,7 @@ Y_PRED = [0, 1, 1, 1, 0, 1, 1, 1]
 
 @pytest.mark.filterwarnings("error")  # the never-predicted class must not leak sklearn warnings
 def test_hand_computed_metrics_with_a_class_never_predicted() -> None:
-    m = evaluate_predictions(Y_TRUE, one_hot_proba(Y_PRED), bins=2, **FAST)
+    m = evaluate_predictions(Y_TRUE, one_hot_proba(Y_PRED), DEFAULT_CLASSES, bins=2, **FAST)
     assert m["n_test"] == 8
     assert m["test_per_class"] == {"normal": 2, "osteopenia": 3, "osteoporosis": 3}
     assert m["accuracy"] == pytest.approx(3 / 8)
@@ -67,14 +68,14 @@ def test_hand_computed_metrics_with_a_class_never_predicted() -> None:
 
 def test_macro_f1_counts_the_never_predicted_class() -> None:
     # if the unpredicted class were dropped, macro F1 would be (1/2 + 4/9)/2 = 17/36
-    m = evaluate_predictions(Y_TRUE, one_hot_proba(Y_PRED), **FAST)
+    m = evaluate_predictions(Y_TRUE, one_hot_proba(Y_PRED), DEFAULT_CLASSES, **FAST)
     assert m["macro_f1"] == pytest.approx(17 / 54)
     assert m["macro_f1"] != pytest.approx(17 / 36)
 
 
 def test_perfect_predictions() -> None:
     y = [0, 1, 2, 0, 1, 2]
-    m = evaluate_predictions(y, one_hot_proba(y, confidence=0.9), bins=10, **FAST)
+    m = evaluate_predictions(y, one_hot_proba(y, confidence=0.9), DEFAULT_CLASSES, bins=10, **FAST)
     assert m["accuracy"] == m["macro_f1"] == m["balanced_accuracy"] == 1.0
     assert m["macro_auc"] == 1.0
     assert m["per_class_auc"] == {"normal": 1.0, "osteopenia": 1.0, "osteoporosis": 1.0}
@@ -87,14 +88,14 @@ def test_perfect_predictions() -> None:
 def test_single_class_test_set_is_refused_clearly(label: int, name: str) -> None:
     y = [label] * 5
     with pytest.raises(MetricsError, match=rf"only class '{name}'.*undefined.*larger test split"):
-        evaluate_predictions(y, one_hot_proba([0, 1, 2, 0, 1]), **FAST)
+        evaluate_predictions(y, one_hot_proba([0, 1, 2, 0, 1]), DEFAULT_CLASSES, **FAST)
 
 
 def test_empty_and_misshapen_inputs_are_refused() -> None:
     with pytest.raises(MetricsError, match="no test images"):
-        evaluate_predictions([], np.zeros((0, 3)), **FAST)
+        evaluate_predictions([], np.zeros((0, 3)), DEFAULT_CLASSES, **FAST)
     with pytest.raises(MetricsError, match=r"shape \(4, 2\), expected \(4, 3\)"):
-        evaluate_predictions([0, 1, 0, 1], np.full((4, 2), 0.5), **FAST)
+        evaluate_predictions([0, 1, 0, 1], np.full((4, 2), 0.5), DEFAULT_CLASSES, **FAST)
 
 
 def test_macro_auc_equals_sklearn() -> None:
@@ -105,8 +106,8 @@ def test_macro_auc_equals_sklearn() -> None:
     expected = roc_auc_score(y, proba, multi_class="ovr", average="macro")
     assert 0.6 < expected < 0.99
     assert macro_auc(y, proba) == pytest.approx(expected)
-    assert evaluate_predictions(y, proba, **FAST)["macro_auc"] == pytest.approx(expected)
-    per_class = per_class_auc(y, proba)
+    assert evaluate_predictions(y, proba, DEFAULT_CLASSES, **FAST)["macro_auc"] == pytest.approx(expected)
+    per_class = per_class_auc(y, proba, DEFAULT_CLASSES)
     assert list(per_class.values()) == pytest.approx([roc_auc_score(y == c, proba[:, c]) for c in range(3)])
 
 
@@ -117,8 +118,8 @@ def test_macro_auc_by_hand_with_a_class_absent() -> None:
     # normal scores: positives .7 .4, negatives .5 .1 -> pairs won: (.7>.5, .7>.1, .4>.1) = 3 of 4
     # osteopenia scores: positives .4 .8, negatives .2 .5 -> (.4>.2, .8>.2, .8>.5) = 3 of 4
     assert macro_auc(y, proba) == pytest.approx(0.75)
-    assert per_class_auc(y, proba) == {"normal": 0.75, "osteopenia": 0.75, "osteoporosis": None}
-    assert set(roc_points(y, proba)) == {"normal", "osteopenia"}
+    assert per_class_auc(y, proba, DEFAULT_CLASSES) == {"normal": 0.75, "osteopenia": 0.75, "osteoporosis": None}
+    assert set(roc_points(y, proba, DEFAULT_CLASSES)) == {"normal", "osteopenia"}
     assert macro_auc(np.array([1, 1]), proba[:2]) is None
 
 
@@ -169,7 +170,7 @@ def width(ci: dict) -> float:
 
 def test_bootstrap_ci_contains_the_estimate_and_narrows_with_more_data() -> None:
     y, proba = noisy_set(30, seed=1)
-    point = evaluate_predictions(y, proba, resamples=10, seed=0)
+    point = evaluate_predictions(y, proba, DEFAULT_CLASSES, resamples=10, seed=0)
     small = bootstrap_ci(y, proba, resamples=120, seed=0)
     big = bootstrap_ci(np.tile(y, 4), np.tile(proba, (4, 1)), resamples=120, seed=0)
     for name in ("accuracy", "macro_f1", "macro_auc"):
@@ -185,7 +186,7 @@ def test_bootstrap_ci_is_deterministic_for_a_seed() -> None:
     first = bootstrap_ci(y, proba, resamples=25, seed=5)
     assert first == bootstrap_ci(y, proba, resamples=25, seed=5)
     assert first != bootstrap_ci(y, proba, resamples=25, seed=6)
-    m1 = evaluate_predictions(y, proba, resamples=25, seed=5)
+    m1 = evaluate_predictions(y, proba, DEFAULT_CLASSES, resamples=25, seed=5)
     assert m1["ci95"] == first
 
 

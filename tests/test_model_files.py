@@ -22,7 +22,7 @@ GOOD = {
 
 def _with_metadata(tmp_path, raw: bytes):
     path = tmp_path / "model.keras"
-    save_model(build_cnn(32, filters=[4], dense_units=4, dropout=0.0), GOOD, path)
+    save_model(build_cnn(32, 3, filters=[4], dense_units=4, dropout=0.0), GOOD, path)
     with zipfile.ZipFile(path) as archive:
         entries = {info.filename: archive.read(info) for info in archive.infolist()}
     entries[META_ENTRY] = raw
@@ -50,7 +50,7 @@ def test_bad_metadata_is_a_one_line_error(tmp_path, raw, match):
 
 def test_a_config_naming_builtins_exec_is_refused_in_one_line(tmp_path):
     path = tmp_path / "model.keras"
-    save_model(build_cnn(32, filters=[4], dense_units=4, dropout=0.0), GOOD, path)
+    save_model(build_cnn(32, 3, filters=[4], dense_units=4, dropout=0.0), GOOD, path)
     with zipfile.ZipFile(path) as archive:
         entries = {info.filename: archive.read(info) for info in archive.infolist()}
     config = json.loads(entries["config.json"])

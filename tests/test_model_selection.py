@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kneexray import CLASSES
+from kneexray import DEFAULT_CLASSES
 from kneexray.data.phantom import render_knee
 from kneexray.data.splitting import assign_folds
 from kneexray.evaluate.baselines import majority_proba
@@ -21,7 +21,10 @@ from kneexray.model.files import load_model, save_model
 from kneexray.model.inputs import label_indices, load_images
 from kneexray.model.selection import EpochSelector, no_skill, prediction_shares, score
 from kneexray.model.training import Folds, train
+from kneexray.params import validate
 from kneexray.predict import predict_files
+
+pytestmark = pytest.mark.slow  # not in make test-fast
 
 
 def test_selector_never_keeps_an_epoch_before_min_epochs_and_stops_after_patience():
@@ -38,16 +41,16 @@ def test_selector_never_keeps_an_epoch_before_min_epochs_and_stops_after_patienc
 
 def test_no_skill_fires_on_a_constant_model_and_not_on_a_varied_one():
     constant = np.tile([0.2, 0.7, 0.1], (50, 1))
-    assert no_skill(prediction_shares(constant), 0.95) == "osteopenia"
+    assert no_skill(prediction_shares(constant, DEFAULT_CLASSES), 0.95) == "osteopenia"
     varied = np.eye(3)[np.arange(50) % 3]
-    assert no_skill(prediction_shares(varied), 0.95) is None
+    assert no_skill(prediction_shares(varied, DEFAULT_CLASSES), 0.95) is None
     # a constant predictor scores at most one class's F1 / 3: macro-F1 can't pick it over a real model
     y = np.arange(30) % 3
     assert score("macro_f1", y, np.tile([0, 1, 0], (30, 1))) < score("macro_f1", y, np.eye(3)[y])
 
 
 def test_folds_keep_groups_together_and_stratify():
-    frame = pd.DataFrame({"label": [CLASSES[i % 3] for i in range(60)], "group": [i // 2 for i in range(60)]})
+    frame = pd.DataFrame({"label": [DEFAULT_CLASSES[i % 3] for i in range(60)], "group": [i // 2 for i in range(60)]})
     fold = assign_folds(frame, 5, seed=0)
     assert set(fold) == set(range(5))
     assert all(len(set(fold[frame["group"] == g])) == 1 for g in frame["group"].unique())  # copies stay together
@@ -59,7 +62,7 @@ def test_folds_keep_groups_together_and_stratify():
 def _phantom_split(root: Path, n: int, size: int) -> Path:
     rows = []
     for i in range(n):
-        label = CLASSES[i % 3]
+        label = DEFAULT_CLASSES[i % 3]
         path = Path("images") / label / f"{i}.png"
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         render_knee(np.random.default_rng([1, i]), label, size=size, difficulty=0.0).save(root / path)
@@ -87,13 +90,15 @@ def _params(tiny, **train):
 
 def test_cnn_beats_the_majority_baseline_on_a_learnable_phantom_and_predict_agrees(tiny, phantom, tmp_path):
     params = _params(tiny)
-    result = train("cnn", params, split_dir=phantom, data_root=phantom, live_dir=tmp_path / "live")
+    result = train("cnn", validate(params), split_dir=phantom, data_root=phantom, live_dir=tmp_path / "live")
     test = pd.read_csv(phantom / "test.csv")
-    y = label_indices(test["label"])
+    y = label_indices(test["label"], DEFAULT_CLASSES)
     proba = infer(result.model, load_images(test["path"], 48, root=phantom), 8)
     model_f1 = score("macro_f1", y, proba)
     majority_f1 = score(
-        "macro_f1", y, majority_proba(label_indices(pd.read_csv(phantom / "train.csv")["label"]), len(y))
+        "macro_f1",
+        y,
+        majority_proba(label_indices(pd.read_csv(phantom / "train.csv")["label"], DEFAULT_CLASSES), len(y), 3),
     )
     assert model_f1 >= majority_f1 + 0.4, (model_f1, majority_f1)
     meta = result.metadata
@@ -112,20 +117,20 @@ def test_cnn_beats_the_majority_baseline_on_a_learnable_phantom_and_predict_agre
     rows = predict_files(path, files, batch_size=8)
     by_path = {Path(r["path"]).resolve(): r["predicted"] for r in rows}
     evaluated = predict_proba(model, load_images(files, 48), batch_size=8).argmax(axis=1)
-    assert [by_path[f.resolve()] for f in files] == [CLASSES[i] for i in evaluated]
+    assert [by_path[f.resolve()] for f in files] == [DEFAULT_CLASSES[i] for i in evaluated]
 
 
 def test_early_stopping_triggers_and_the_kept_weights_are_the_selected_epochs(tiny, phantom, tmp_path):
     # a learning rate this high overfits within a few epochs: the out-of-fold score stops improving
     params = _params(tiny, patience=1, min_epochs=1)
     params["cnn"].update(epochs=25, learning_rate=0.02)
-    result = train("cnn", params, split_dir=phantom, data_root=phantom, live_dir=tmp_path / "live")
+    result = train("cnn", validate(params), split_dir=phantom, data_root=phantom, live_dir=tmp_path / "live")
     meta = result.metadata
     assert meta["epochs_run"] < 25 and meta["epochs_run"] == meta["selected_epoch"] + 1
     # re-score every fold model on the fold it did not train on: the pooled score is the one logged
     # for the selected epoch, so these are that epoch's weights
     rows = pd.concat([pd.read_csv(phantom / "train.csv"), pd.read_csv(phantom / "val.csv")], ignore_index=True)
-    x, y = load_images(rows["path"], 48, root=phantom), label_indices(rows["label"])
+    x, y = load_images(rows["path"], 48, root=phantom), label_indices(rows["label"], DEFAULT_CLASSES)
     folds = Folds.make(rows, 9, 3, params["train"]["seed"])
     members = [layer for layer in result.model.layers if isinstance(layer, keras.Model)]
     oof = np.zeros((len(y), 3))
@@ -149,7 +154,7 @@ def test_a_collapsed_model_is_flagged_in_its_metadata(tiny, phantom, tmp_path, c
     val["label"] = "osteopenia"
     val.to_csv(imbalanced / "val.csv", index=False)
     params["train"]["folds"] = 1
-    result = train("cnn", params, split_dir=imbalanced, data_root=imbalanced, live_dir=tmp_path / "live")
+    result = train("cnn", validate(params), split_dir=imbalanced, data_root=imbalanced, live_dir=tmp_path / "live")
     assert result.metadata["no_skill"] is True
     assert result.metadata["train_prediction_shares"]["osteopenia"] >= 0.95
     assert "NO SKILL" in caplog.text
@@ -163,7 +168,7 @@ def test_the_model_card_says_what_data_code_and_settings_made_the_model(tiny, ph
 
     params = _params(tiny)
     params["cnn"]["epochs"] = 1
-    result = train("cnn", params, split_dir=phantom, data_root=phantom, live_dir=tmp_path / "live")
+    result = train("cnn", validate(params), split_dir=phantom, data_root=phantom, live_dir=tmp_path / "live")
     card = result.metadata
     assert card["data"]["source"] == "phantom" and card["intended_use"] == INTENDED_USE
     assert card["params"]["cnn"]["learning_rate"] == params["cnn"]["learning_rate"]

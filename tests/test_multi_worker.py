@@ -18,6 +18,8 @@ import yaml
 from kneexray.model.files import load_model
 from tests.test_training import tiny_split  # noqa: F401  the phantom split fixture, shared
 
+pytestmark = pytest.mark.slow  # not in make test-fast
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER_TIMEOUT_S = 300  # a worker waiting forever on its peer fails the test instead of blocking CI
 PROXY_VARS = (

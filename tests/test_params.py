@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from pathlib import Path
 
@@ -27,14 +28,15 @@ def mutated(**changes) -> dict:
 
 def test_committed_params_validate() -> None:
     checked = load(ROOT / "params.yaml")
-    assert set(checked) == set(kparams.SCHEMA)
-    for section, fields in kparams.SCHEMA.items():
-        assert set(checked[section]) == set(fields), section
+    assert isinstance(checked, kparams.Params) and set(kparams.SECTIONS) == set(COMMITTED)
+    for section, cls in kparams.SECTIONS.items():
+        assert {f.name for f in dataclasses.fields(cls)} == set(COMMITTED[section]), section
     # spot-check that values come through unchanged
-    assert checked["split"]["test_ratio"] == 0.2
-    assert checked["resnet"]["image_size"] == 224
-    assert checked["cnn"]["filters"] == [32, 64, 128, 256]
-    assert checked["augment"]["brightness"] == [1.0, 1.0]
+    assert checked.split.test_ratio == 0.2
+    assert checked.resnet.image_size == 224
+    assert checked.cnn.filters == (32, 64, 128, 256)
+    assert checked.augment.brightness == (1.0, 1.0)
+    assert checked.dataset.classes == ("normal", "osteopenia", "osteoporosis")
 
 
 def test_validate_does_not_mutate_its_input() -> None:
@@ -103,7 +105,7 @@ def test_split_ratio_outside_allowed_range(key: str, value) -> None:
 
 def test_split_ratios_inside_unit_interval_pass() -> None:
     checked = validate(mutated(split__test_ratio=0.5, split__val_ratio=0.5))
-    assert checked["split"]["test_ratio"] == 0.5
+    assert checked.split.test_ratio == 0.5
 
 
 def test_split_ratio_above_one_half_names_the_range() -> None:
@@ -118,7 +120,7 @@ def test_image_size_below_32(size: int) -> None:
 
 
 def test_image_size_32_is_the_smallest_allowed() -> None:
-    assert validate(mutated(resnet__image_size=32))["resnet"]["image_size"] == 32
+    assert validate(mutated(resnet__image_size=32)).resnet.image_size == 32
 
 
 def test_fine_tuning_with_several_folds_is_refused() -> None:
@@ -149,16 +151,54 @@ def test_class_fractions(fractions: dict, pattern: str) -> None:
     assert re.search(pattern, str(err.value)), str(err.value)
 
 
+def test_params_are_typed_and_frozen() -> None:
+    params = load(ROOT / "params.yaml")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.train.seed = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        params.phantom.class_fractions["normal"] = 0.5  # type: ignore[index]
+    assert params.model("cnn") is params.cnn and params.model("resnet") is params.resnet
+    assert kparams.as_plain(params) == COMMITTED  # nothing lost or renamed on the way
+
+
+@pytest.mark.parametrize(
+    "classes, pattern",
+    [
+        (["normal"], r"^dataset\.classes: expected a list of 2 to 50 class names"),
+        (["a", "A"], r"^dataset\.classes: class names must be distinct"),
+        (["ok", "no/slash"], r"^dataset\.classes\[1\]: 'no/slash' is not a class folder name"),
+        ("normal", r"^dataset\.classes: expected a list"),
+    ],
+)
+def test_bad_class_names(classes, pattern: str) -> None:
+    with pytest.raises(ParamsError, match=pattern):
+        validate(mutated(dataset__classes=classes))
+
+
+def test_any_class_set_with_matching_phantom_fractions() -> None:
+    grades = [f"kl{g}" for g in range(5)]
+    params = validate(mutated(dataset__classes=grades, phantom__class_fractions=dict.fromkeys(grades, 0.2)))
+    assert params.dataset.classes == tuple(grades)
+    with pytest.raises(ParamsError, match=r"^phantom\.class_fractions: expected exactly the keys of dataset\.classes"):
+        validate(mutated(dataset__classes=grades))
+    with pytest.raises(ParamsError, match=r"^train\.no_skill_share: must be above 1 / 2 classes"):
+        validate(
+            mutated(
+                dataset__classes=["a", "b"], phantom__class_fractions={"a": 0.5, "b": 0.5}, train__no_skill_share=0.4
+            )
+        )
+
+
 def test_class_fractions_summing_to_one_within_rounding_pass() -> None:
     fractions = {"normal": 0.1, "osteopenia": 0.2, "osteoporosis": 0.7}  # 0.1 + 0.2 != 0.3 in floats
-    assert validate(mutated(phantom__class_fractions=fractions))["phantom"]["class_fractions"] == fractions
+    assert validate(mutated(phantom__class_fractions=fractions)).phantom.class_fractions == fractions
 
 
 def test_source_path_requires_a_path() -> None:
     with pytest.raises(ParamsError, match=r"^dataset\.path: required when dataset\.source is 'path'"):
         validate(mutated(dataset__source="path", dataset__path=""))
     checked = validate(mutated(dataset__source="path", dataset__path="/data/knee.zip"))
-    assert checked["dataset"]["path"] == "/data/knee.zip"
+    assert checked.dataset.path == "/data/knee.zip"
 
 
 def test_source_url_requires_a_url_scheme() -> None:
@@ -174,7 +214,7 @@ def test_bad_sha256(sha: str) -> None:
 
 @pytest.mark.parametrize("sha", ["", "0123456789abcdef" * 4, "0123456789ABCDEF" * 4])
 def test_good_sha256(sha: str) -> None:
-    assert validate(mutated(dataset__sha256=sha))["dataset"]["sha256"] == sha
+    assert validate(mutated(dataset__sha256=sha)).dataset.sha256 == sha
 
 
 def test_resnet_file_weights_require_a_path() -> None:
@@ -214,7 +254,7 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_round_trip_through_a_file(tmp_path: Path) -> None:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(mutated(cnn__epochs=3), sort_keys=False))
-    assert load(path)["cnn"]["epochs"] == 3
+    assert load(path).cnn.epochs == 3
 
 
 # --- read as DVC writes: YAML 1.2 -------------------------------------------------------------------
@@ -238,14 +278,14 @@ def params_text(section: str, key: str, raw: str) -> str:
         ("split", "group_near_duplicates", "false", False),
         ("evaluate", "external_path", '"1e3"', "1e3"),  # quoted: stays text
         ("dataset", "path", "'007'", "007"),
-        ("cnn", "filters", "[16, 32]", [16, 32]),
-        ("cnn", "filters", "\n  - 16\n  - 32", [16, 32]),
+        ("cnn", "filters", "[16, 32]", (16, 32)),
+        ("cnn", "filters", "\n  - 16\n  - 32", (16, 32)),
     ],
 )
 def test_values_are_read_as_dvc_writes_them(tmp_path: Path, section: str, key: str, raw: str, expected) -> None:
     path = tmp_path / "params.yaml"
     path.write_text(params_text(section, key, raw))
-    value = load(path)[section][key]
+    value = getattr(getattr(load(path), section), key)
     assert value == expected and type(value) is type(expected)
 
 
@@ -270,8 +310,8 @@ def test_invalid_yaml_is_one_line_with_the_place(tmp_path: Path, text: str) -> N
 
 
 def test_download_bounds_default_in_the_committed_file() -> None:
-    dataset = load(ROOT / "params.yaml")["dataset"]
-    assert dataset["deadline_s"] == 3600 and dataset["min_rate_kbps"] == 1 and dataset["timeout_s"] == 30
+    dataset = load(ROOT / "params.yaml").dataset
+    assert dataset.deadline_s == 3600 and dataset.min_rate_kbps == 1 and dataset.timeout_s == 30
 
 
 @pytest.mark.parametrize(
@@ -297,4 +337,4 @@ def test_unbounded_download_times_are_one_line_errors(tmp_path: Path, key: str, 
 
 
 def test_no_minimum_rate_is_allowed() -> None:
-    assert validate(mutated(dataset__min_rate_kbps=0))["dataset"]["min_rate_kbps"] == 0
+    assert validate(mutated(dataset__min_rate_kbps=0)).dataset.min_rate_kbps == 0

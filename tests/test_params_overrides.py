@@ -13,7 +13,8 @@ from tests.support import run
 pytestmark = pytest.mark.slow
 
 
-def test_exp_run_overrides_reach_the_training_stage(project):
+def test_exp_run_overrides_reach_the_training_stage(reproduced):
+    project = reproduced  # only train_cnn reruns
     run(
         [
             "dvc",
@@ -38,8 +39,8 @@ def test_exp_run_overrides_reach_the_training_stage(project):
     from kneexray.params import load
 
     params = load(project / "params.yaml")
-    assert params["cnn"]["learning_rate"] == 1e-5 and params["augment"]["horizontal_flip"] is False
-    assert params["cnn"]["filters"] == [4, 8] and params["dataset"]["path"] == "1e3"
+    assert params.cnn.learning_rate == 1e-5 and params.augment.horizontal_flip is False
+    assert params.cnn.filters == (4, 8) and params.dataset.path == "1e3"
     card = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     assert "overrides" in json.dumps(card)
     # what the training stage used, from the model file it wrote

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kneexray import CLASSES
+from kneexray import DEFAULT_CLASSES
 from kneexray.data import phantom
 from kneexray.data.phantom import phantom_labels, render_knee, write_phantom_archive
 
@@ -48,7 +48,7 @@ def test_archive_is_nested_like_the_published_dataset(tmp_path: Path) -> None:
     names, inner = _inner_names(target)
     expected = [
         f"Knee-X-ray/{cls}/{prefix}{i}.jpg"
-        for cls, prefix in zip(CLASSES, ("N", "OP", "OS"))
+        for cls, prefix in zip(DEFAULT_CLASSES, ("N", "OP", "OS"))
         for i in range(1, counts[cls] + 1)
     ]
     assert names == expected
@@ -62,14 +62,14 @@ def test_archive_is_nested_like_the_published_dataset(tmp_path: Path) -> None:
 
 def test_labels_use_largest_remainder_and_a_seeded_order() -> None:
     labels = phantom_labels(240, FRACTIONS, seed=7)
-    assert [labels.count(c) for c in CLASSES] == [36, 154, 50]
+    assert [labels.count(c) for c in DEFAULT_CLASSES] == [36, 154, 50]
     assert phantom_labels(7, {"normal": 0.5, "osteopenia": 0.3, "osteoporosis": 0.2}, seed=0).count("normal") == 4
     # Equal remainders: the spare image goes to the class listed first.
-    thirds = phantom_labels(10, dict.fromkeys(CLASSES, 1 / 3), seed=0)
-    assert [thirds.count(c) for c in CLASSES] == [4, 3, 3]
+    thirds = phantom_labels(10, dict.fromkeys(DEFAULT_CLASSES, 1 / 3), seed=0)
+    assert [thirds.count(c) for c in DEFAULT_CLASSES] == [4, 3, 3]
     assert labels == phantom_labels(240, FRACTIONS, seed=7)
     assert labels != phantom_labels(240, FRACTIONS, seed=8)
-    assert labels != sorted(labels, key=CLASSES.index)  # shuffled, not grouped by class
+    assert labels != sorted(labels, key=DEFAULT_CLASSES.index)  # shuffled, not grouped by class
 
 
 @pytest.mark.parametrize(
@@ -78,8 +78,7 @@ def test_labels_use_largest_remainder_and_a_seeded_order() -> None:
         ({"normal": 0.2, "osteopenia": 0.5, "osteoporosis": 0.2}, "sum to 1"),
         ({"normal": 0.0, "osteopenia": 0.8, "osteoporosis": 0.2}, "> 0"),
         ({"normal": -0.1, "osteopenia": 0.9, "osteoporosis": 0.2}, "> 0"),
-        ({"normal": 0.5, "osteopenia": 0.5}, "keys"),
-        ({"normal": 0.2, "osteopenia": 0.5, "osteoporosis": 0.2, "other": 0.1}, "keys"),
+        ({"normal": 1.0}, "at least 2 classes"),
     ],
 )
 def test_invalid_fractions_are_rejected(fractions: dict[str, float], message: str) -> None:
@@ -92,14 +91,39 @@ def test_bone_intensity_follows_the_class_at_difficulty_0() -> None:
         c: np.mean(
             [_central_mean(render_knee(np.random.default_rng([0, i]), c, size=64, difficulty=0.0)) for i in range(20)]
         )
-        for c in CLASSES
+        for c in DEFAULT_CLASSES
     }
     assert means["normal"] > means["osteopenia"] > means["osteoporosis"]
 
 
+def test_any_class_set_orders_density_from_the_first_class_to_the_last(tmp_path) -> None:
+    grades = ["kl0", "kl1", "kl2", "kl3", "kl4"]
+    means = [
+        np.mean(
+            [
+                _central_mean(render_knee(np.random.default_rng([0, i]), g, classes=grades, size=64, difficulty=0.0))
+                for i in range(8)
+            ]
+        )
+        for g in grades
+    ]
+    assert all(a > b for a, b in zip(means, means[1:])), means
+    counts = write_phantom_archive(
+        tmp_path / "kl.zip", n_images=10, class_fractions=dict.fromkeys(grades, 0.2), size=40, difficulty=0.0, seed=1
+    )
+    assert counts == dict.fromkeys(grades, 2)
+    with (
+        zipfile.ZipFile(tmp_path / "kl.zip") as outer,
+        zipfile.ZipFile(io.BytesIO(outer.read("Knee-X-ray.zip"))) as inner,
+    ):
+        assert "Knee-X-ray/kl3/kl3_2.jpg" in inner.namelist()
+
+
 def test_classes_are_identical_at_difficulty_1() -> None:
     # The class acts only through bone density, whose distribution no longer depends on it.
-    images = [np.asarray(render_knee(np.random.default_rng([5, 1]), c, size=48, difficulty=1.0)) for c in CLASSES]
+    images = [
+        np.asarray(render_knee(np.random.default_rng([5, 1]), c, size=48, difficulty=1.0)) for c in DEFAULT_CLASSES
+    ]
     assert all(np.array_equal(images[0], other) for other in images[1:])
 
 
@@ -109,7 +133,7 @@ def test_nuisances_vary_but_do_not_depend_on_the_class() -> None:
         # The same generator state under each label: size and colour mode must not change with it.
         variants = {
             (img.size, img.mode)
-            for c in CLASSES
+            for c in DEFAULT_CLASSES
             for img in [render_knee(np.random.default_rng([1, i]), c, size=40, difficulty=0.0)]
         }
         assert len(variants) == 1

@@ -18,7 +18,10 @@ from tests.support import ROOT, tiny_params
 
 OLDER_CPU = "X86_V3 X86_V4 AVX512_ICL AVX512_SPR"  # what an x86-64-v2 CPU lacks
 
-pytestmark = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86-64 only")
+pytestmark = [
+    pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86-64 only"),
+    pytest.mark.slow,  # runs the data stages twice in subprocesses
+]
 
 
 def _stage(args: list[str], cwd: Path, features: str) -> None:

@@ -18,7 +18,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from kneexray import CLASSES, __version__
+from kneexray import DEFAULT_CLASSES, __version__
 from kneexray.__main__ import main
 from kneexray.data.dicom import read_dicom_grey
 from kneexray.data.images import ImageError
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
 METADATA = {
     "model": "cnn",
-    "classes": list(CLASSES),
+    "classes": list(DEFAULT_CLASSES),
     "image_size": SIZE,
     "data": {"source": "path"},
     "weights_source": "none (trained from scratch)",
@@ -62,7 +62,7 @@ def trained() -> keras.Model:
     """A tiny CNN that has learnt 'bright square in the top-left' = osteopenia (class 1)."""
     keras.utils.set_random_seed(0)
     x, y = blob_images(240, seed=0)
-    model = build_cnn(SIZE, filters=[8, 16], dense_units=8, dropout=0.1)
+    model = build_cnn(SIZE, 3, filters=[8, 16], dense_units=8, dropout=0.1)
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
     model.fit(x[..., None].astype("float32"), y, epochs=6, batch_size=16, verbose=0)
     return model
@@ -198,7 +198,7 @@ def test_predict_files_every_format_and_a_broken_one(model_path, inputs):
     for name, row in rows.items():
         if name != "broken.png":
             proba = row["probabilities"]
-            assert list(proba) == list(CLASSES) and row["predicted"] == max(proba, key=proba.get)
+            assert list(proba) == list(DEFAULT_CLASSES) and row["predicted"] == max(proba, key=proba.get)
             assert sum(proba.values()) == pytest.approx(1.0, abs=1e-5)
 
     def p(name):
@@ -207,7 +207,7 @@ def test_predict_files_every_format_and_a_broken_one(model_path, inputs):
     np.testing.assert_allclose(p("dicom/knee.dcm"), p("knee.png"), atol=1e-6)  # identical pixels
     np.testing.assert_allclose(p("knee16.png"), p("knee.png"), atol=1e-6)
     np.testing.assert_allclose(p("knee_jpeg.jpg"), p("knee.png"), atol=0.05)  # lossy
-    assert rows["knee.png"]["predicted"] == CLASSES[1]  # it has the square the model learnt
+    assert rows["knee.png"]["predicted"] == DEFAULT_CLASSES[1]  # it has the square the model learnt
 
 
 def test_monochrome1_loads_inverted(inputs):
@@ -282,7 +282,7 @@ def test_gradcam_on_the_resnet(tmp_path):
     keras.utils.set_random_seed(0)
     size = 64  # conv5 is 2x2 at 64 px (1x1 at 32 px: a constant heatmap)
     base = keras.applications.ResNet50(weights=None, include_top=False, input_shape=(size, size, 3), pooling="avg")
-    head_model = build_head(2048, dense_units=8, dropout=0.1)
+    head_model = build_head(2048, 3, dense_units=8, dropout=0.1)
     model = build_resnet(size, base=base, head=head_model)
     # Random weights often leave no positive evidence at all (an all-zero heatmap). This head makes
     # class 0 the sum of the pooled features instead, so every gradient is the same positive number
@@ -338,7 +338,7 @@ def test_pick_examples_and_grid(trained):
     labels, predictions = [0, 0, 0, 1, 1, 2], [0, 1, 0, 1, 1, 0]
     assert pick_examples(labels, predictions, per_class=1) == [0, 1, 3, 5]
     x, y = blob_images(4, seed=7)
-    fig = gradcam_grid(trained, x, y, [0, 1, 1, 1], ncols=3)
+    fig = gradcam_grid(trained, x, y, [0, 1, 1, 1], classes=DEFAULT_CLASSES, ncols=3)
     shown = [ax for ax in fig.axes if ax.images]
     assert len(fig.axes) == 6 and len(shown) == 4
     assert [ax.get_title().splitlines()[1] for ax in shown] == ["predicted normal"] + ["predicted osteopenia"] * 3
@@ -378,8 +378,8 @@ def test_cli_predict_folder_to_csv_with_explanations(model_path, inputs, tmp_pat
     with open(tmp_path / "out" / "predictions.csv", newline="") as f:
         rows = {Path(r["path"]).name: r for r in csv.DictReader(f)}
     assert len(rows) == 6 and rows["broken.png"]["error"] and not rows["broken.png"]["predicted"]
-    assert rows["knee.png"]["predicted"] == CLASSES[1]
-    assert sum(float(rows["knee.png"][f"p_{c}"]) for c in CLASSES) == pytest.approx(1.0, abs=1e-5)
+    assert rows["knee.png"]["predicted"] == DEFAULT_CLASSES[1]
+    assert sum(float(rows["knee.png"][f"p_{c}"]) for c in DEFAULT_CLASSES) == pytest.approx(1.0, abs=1e-5)
     # knee.png and dicom/knee.dcm share a stem: the second one gets a number, neither is overwritten
     assert sorted(p.name for p in (tmp_path / "explain").iterdir()) == [
         "knee16_gradcam.png",
@@ -394,8 +394,8 @@ def test_cli_table_json_and_exit_codes(model_path, inputs, tmp_path, capsys):
     assert main(["predict", str(inputs / "knee.png"), str(inputs / "broken.png"), "--model", str(model_path)]) == 0
     out, err = capsys.readouterr()
     header, line = out.strip().splitlines()
-    assert header.split() == ["path", "predicted", *CLASSES]
-    assert line.split()[:2] == [str(inputs / "knee.png"), CLASSES[1]]
+    assert header.split() == ["path", "predicted", *DEFAULT_CLASSES]
+    assert line.split()[:2] == [str(inputs / "knee.png"), DEFAULT_CLASSES[1]]
     assert err.strip().startswith(f"{inputs / 'broken.png'}: ")
 
     json_path = tmp_path / "p.json"

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kneexray import CLASSES, __version__
+from kneexray import DEFAULT_CLASSES, __version__
 from kneexray.__main__ import main
 from kneexray.predict import predict_files, write_csv
 
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
 METADATA = {
     "model": "cnn",
-    "classes": list(CLASSES),
+    "classes": list(DEFAULT_CLASSES),
     "image_size": SIZE,
     "data": {"source": "path"},
     "kneexray_version": __version__,
@@ -40,7 +40,7 @@ def model_path(tmp_path_factory) -> Path:
 
     keras.utils.set_random_seed(0)
     path = tmp_path_factory.mktemp("model") / "cnn.keras"
-    save_model(build_cnn(SIZE, filters=[4], dense_units=4, dropout=0.0), METADATA, path)
+    save_model(build_cnn(SIZE, 3, filters=[4], dense_units=4, dropout=0.0), METADATA, path)
     return path
 
 
@@ -145,7 +145,7 @@ def test_formula_named_input_through_the_cli(model_path, tmp_path, monkeypatch, 
     assert main(["predict", '=HYPERLINK("evil.example","x").png', "--model", str(model_path), "--csv", "p.csv"]) == 0
     with open(tmp_path / "p.csv", newline="") as f:
         (row,) = csv.DictReader(f)
-    assert row["path"] == '\'=HYPERLINK("evil.example","x").png' and row["predicted"] in CLASSES
+    assert row["path"] == '\'=HYPERLINK("evil.example","x").png' and row["predicted"] in DEFAULT_CLASSES
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
@@ -163,4 +163,4 @@ def test_fifo_input_is_skipped_not_waited_for(model_path, tmp_path):
     assert our_lines(result.stderr) == [f"{fifo}: a FIFO, not an image file; skipped"]
     rows = {Path(r["path"]).name: r for r in json.loads((tmp_path / "out.json").read_text())}
     assert rows["pipe.png"]["error"] == "a FIFO, not an image file; skipped"
-    assert rows["knee.png"]["predicted"] in CLASSES
+    assert rows["knee.png"]["predicted"] in DEFAULT_CLASSES

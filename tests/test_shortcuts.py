@@ -4,14 +4,14 @@ import numpy as np
 import pandas as pd
 
 from bench.shortcuts import largest_stratum_scores, metadata_only_macro_f1
-from kneexray import CLASSES
+from kneexray import DEFAULT_CLASSES
 
 
 def _index(n: int, leak: bool, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    labels = [CLASSES[i % 3] for i in range(n)]
+    labels = [DEFAULT_CLASSES[i % 3] for i in range(n)]
     if leak:  # each class has its own image size, like a dataset assembled from three sources
-        width = [1000 + 500 * CLASSES.index(lab) for lab in labels]
+        width = [1000 + 500 * DEFAULT_CLASSES.index(lab) for lab in labels]
     else:
         width = rng.choice([1000, 1500, 2000], n).tolist()
     return pd.DataFrame(

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import yaml
 
-from kneexray import CLASSES
+from kneexray import DEFAULT_CLASSES
 from kneexray.data.phantom import render_knee
 from kneexray.data.tracking import content_hash, used_inputs
 from kneexray.errors import MissingInputError
+from kneexray.params import validate
 from tests.support import run
 
 
@@ -33,16 +34,16 @@ def test_content_hash_follows_bytes_and_names(tmp_path):
 
 
 def test_only_the_inputs_in_use_are_tracked(tiny):
-    assert used_inputs(tiny) == {"dataset": "", "external": "", "resnet_weights": ""}
+    assert used_inputs(validate(tiny)) == {"dataset": "", "external": "", "resnet_weights": ""}
     tiny["dataset"].update(source="path", path="/data/knees.zip")
     tiny["resnet"].update(weights="file", weights_path="/w.h5")
-    assert used_inputs(tiny) == {"dataset": "/data/knees.zip", "external": "", "resnet_weights": "/w.h5"}
+    assert used_inputs(validate(tiny)) == {"dataset": "/data/knees.zip", "external": "", "resnet_weights": "/w.h5"}
 
 
 def _dataset_zip(path: Path, seed: int) -> None:
     with zipfile.ZipFile(path, "w") as archive:
         for i in range(24):
-            label = CLASSES[i % 3]
+            label = DEFAULT_CLASSES[i % 3]
             image = render_knee(np.random.default_rng([seed, i]), label, size=64, difficulty=0.0)
             png = path.parent / "tmp.png"
             image.save(png)

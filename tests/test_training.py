@@ -11,12 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kneexray import CLASSES
+from kneexray import DEFAULT_CLASSES
 from kneexray.data.phantom import render_knee
 from kneexray.model.card import code_digest
 from kneexray.model.files import load_model, read_metadata, save_model
 from kneexray.model.networks import RESNET_BASE_NAME, WeightsUnavailable, build_cnn, forward_flops, resnet_base
 from kneexray.model.training import train
+from kneexray.params import validate
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def tiny_split(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     rows = []
     for i in range(36):
-        label = CLASSES[i % 3]
+        label = DEFAULT_CLASSES[i % 3]
         path = Path("images") / label / f"{i}.jpg"
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         render_knee(np.random.default_rng([0, i]), label, size=64, difficulty=0.0).save(root / path)
@@ -37,16 +38,17 @@ def tiny_split(tmp_path_factory) -> Path:
 
 
 def _train(kind, params, root, tmp_path):
-    return train(kind, params, split_dir=root, data_root=root, live_dir=tmp_path / f"live_{kind}")
+    return train(kind, validate(params), split_dir=root, data_root=root, live_dir=tmp_path / f"live_{kind}")
 
 
+@pytest.mark.slow
 def test_cnn_trains_saves_metadata_and_reloads(tiny, tiny_split, tmp_path):
     result = _train("cnn", tiny, tiny_split, tmp_path)
     assert 1 <= result.epochs_run <= tiny["cnn"]["epochs"]
     path = tmp_path / "cnn.keras"
     save_model(result.model, result.metadata, path)
     model, meta = load_model(path)
-    assert meta["classes"] == list(CLASSES) and meta["image_size"] == 32 and meta["image_fit"] == "squash"
+    assert meta["classes"] == list(DEFAULT_CLASSES) and meta["image_size"] == 32 and meta["image_fit"] == "squash"
     # the code is named by what it is, not by the commit it happened to run at (a clone's repro writes the same bytes)
     assert meta["code_sha256"] == code_digest() and "code_commit" not in meta
     assert meta["weights_source"].startswith("none")
@@ -76,6 +78,7 @@ def test_code_digest_covers_the_imported_package_modules(monkeypatch):
     assert code_digest() != without
 
 
+@pytest.mark.slow
 def test_training_is_deterministic(tiny, tiny_split, tmp_path):
     first = _train("cnn", tiny, tiny_split, tmp_path / "a").model.get_weights()
     second = _train("cnn", tiny, tiny_split, tmp_path / "b").model.get_weights()
@@ -83,6 +86,7 @@ def test_training_is_deterministic(tiny, tiny_split, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_resnet_loads_a_local_weights_file(tiny, tiny_split, tmp_path):
     reference, _ = resnet_base(32, weights="file", weights_path=_make_weights(tmp_path))
     params = {
@@ -117,7 +121,7 @@ def test_missing_imagenet_weights_fall_back_loudly_or_fail_when_required(caplog)
 
 def test_model_without_metadata_is_refused_clearly(tmp_path):
     path = tmp_path / "plain.keras"
-    build_cnn(32, filters=[4], dense_units=4, dropout=0.1).save(path)
+    build_cnn(32, 3, filters=[4], dense_units=4, dropout=0.1).save(path)
     with pytest.raises(ValueError, match="without kneexray metadata"):
         read_metadata(path)
     (tmp_path / "junk.keras").write_bytes(b"not a zip")
@@ -126,14 +130,16 @@ def test_model_without_metadata_is_refused_clearly(tmp_path):
 
 
 def test_cnn_is_cheap_compared_with_the_original_head():
-    model = build_cnn(224, filters=[16, 32, 64, 128, 256], dense_units=128, dropout=0.3)
+    model = build_cnn(224, 3, filters=[16, 32, 64, 128, 256], dense_units=128, dropout=0.3)
     assert model.count_params() < 1_000_000  # the original's Flatten->Dense(256) head alone had 25.7 M
     # conv1 at stride 2: 112*112*16 outputs x 9 taps x 1 channel x 2
     assert (
-        forward_flops(build_cnn(224, filters=[16], dense_units=1, dropout=0)) == 2 * 112 * 112 * 16 * 9 + 2 * 16 + 2 * 3
+        forward_flops(build_cnn(224, 3, filters=[16], dense_units=1, dropout=0))
+        == 2 * 112 * 112 * 16 * 9 + 2 * 16 + 2 * 3
     )
 
 
+@pytest.mark.slow
 def test_resnet_fine_tuning_unfreezes_the_top_layers(tiny, tiny_split, tmp_path):
     _make_weights(tmp_path)
     resnet = {
@@ -143,7 +149,7 @@ def test_resnet_fine_tuning_unfreezes_the_top_layers(tiny, tiny_split, tmp_path)
         "fine_tune_layers": 8,
         "fine_tune_epochs": 1,
     }  # the top 8 hold conv5_block3_3_conv
-    params = {**tiny, "resnet": resnet, "train": {**tiny["train"], "patience": 5}}
+    params = {**tiny, "resnet": resnet, "train": {**tiny["train"], "patience": 5, "folds": 1}}  # one shared base
     result = _train("resnet", params, tiny_split, tmp_path)
     assert result.epochs_run == tiny["resnet"]["epochs"] + 1
     base = result.model.get_layer(RESNET_BASE_NAME)
@@ -161,13 +167,15 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 from kneexray.model.devices import choose_strategy
 from kneexray.model.training import train
-params = json.loads(sys.argv[1])
+from kneexray.params import validate
+params = validate(json.loads(sys.argv[1]))
 strategy = choose_strategy("mirrored")
 result = train("cnn", params, split_dir=sys.argv[2], data_root=sys.argv[2], live_dir=sys.argv[3])
 print(json.dumps({"replicas": strategy.num_replicas_in_sync, "epochs": result.epochs_run}))
 """
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_trains_on_two_logical_cpus(tiny, tiny_split, tmp_path):
     import json
     import subprocess

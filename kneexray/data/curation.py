@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +21,6 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from kneexray import CLASSES
 from kneexray.data.archive import walk_tree
 from kneexray.data.dicom import DICOM_SUFFIXES, is_dicom, read_dicom_grey
 from kneexray.data.fingerprint import fingerprint, group_near_duplicates
@@ -102,14 +103,25 @@ def curate(
     """Copy usable, de-duplicated images to out_dir/<class>/ and describe them."""
     out_dir = Path(out_dir)
     rows, prints, skipped = [], [], []
-    files = [(label, path, folder) for label in CLASSES for folder in [class_dirs[label]] for path in _walk(folder)]
-    for label, path, folder in tqdm(files, desc="inspect", disable=not sys.stderr.isatty(), leave=False):
-        source = f"{label}/{path.relative_to(folder).as_posix()}"
+    files = [(label, path, folder) for label, folder in class_dirs.items() for path in _walk(folder)]
+
+    def examine(item: tuple[str, Path, Path]) -> tuple[ImageInfo, np.ndarray] | ImageError:
         try:
-            info, prints_of_file = _examine(path, max_pixels, min_side)
+            return _examine(item[1], max_pixels, min_side)
         except ImageError as err:
-            skipped.append({"source": source, "reason": str(err)})
+            return err
+
+    # Decoding dominates and PIL and NumPy release the GIL: threads, results in file order.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        examined = list(
+            tqdm(pool.map(examine, files), total=len(files), desc="decode", disable=not sys.stderr.isatty(), leave=False)
+        )
+    for (label, path, folder), result in zip(files, examined):
+        source = f"{label}/{path.relative_to(folder).as_posix()}"
+        if isinstance(result, ImageError):
+            skipped.append({"source": source, "reason": str(result)})
             continue
+        info, prints_of_file = result
         rows.append(
             {
                 "label": label,
@@ -199,6 +211,6 @@ def curate(
         "label_conflict_groups": conflicts,
         "label_conflicts_kept": keep_conflicts,
         "images_kept": int(len(index)),
-        "images_per_class": {c: int(counts.get(c, 0)) for c in CLASSES},
+        "images_per_class": {c: int(counts.get(c, 0)) for c in class_dirs},
     }
     return Curated(index=index, fingerprints=prints_arr, audit=audit)

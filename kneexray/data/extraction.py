@@ -7,17 +7,17 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from kneexray import CLASSES
 from kneexray.data.archive import ExtractLimits, extract_nested, find_class_dirs
 from kneexray.atomic import atomic_path, write_json
 from kneexray.data.audit_pairs import draw_pairs, flagged_pairs
 from kneexray.data.curation import curate
 from kneexray.errors import InputError
+from kneexray.params import ExtractParams
 from kneexray.layout import CLINICAL_FILE, FINGERPRINTS_FILE, IMAGES_DIR, INDEX_FILE
 from kneexray.data.patients import audit_patient_table, clinical_table, merge_patient_groups
 
@@ -90,7 +90,8 @@ def extract_dataset(
     out_dir: str | Path,
     audit_path: str | Path,
     details_path: str | Path,
-    cfg: dict,
+    cfg: ExtractParams,
+    classes: Sequence[str],
     pairs_path: str | Path | None = None,
 ) -> dict:
     """Unpack `archive` into a scratch folder beside `out_dir`, then write out_dir atomically:
@@ -100,21 +101,25 @@ def extract_dataset(
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     limits = ExtractLimits(
-        max_depth=cfg["max_depth"], max_total_bytes=cfg["max_total_mb"] * 2**20, max_ratio=float(cfg["max_ratio"])
+        max_depth=cfg.max_depth, max_total_bytes=cfg.max_total_mb * 2**20, max_ratio=float(cfg.max_ratio)
     )
     with _scratch(out_dir.parent) as scratch:
         unpacked = scratch / "unpacked"
         extract_nested(archive, unpacked, limits)
-        class_dirs = find_class_dirs(unpacked, CLASSES)
+        class_dirs = find_class_dirs(unpacked, classes)
         log.info("class folders: %s", {c: str(p.relative_to(unpacked)) for c, p in class_dirs.items()})
+        parent = next(iter(class_dirs.values())).parent
+        others = sorted(d.name for d in parent.iterdir() if d.is_dir() and d not in class_dirs.values())
+        if others:  # a class left out of dataset.classes, or stray folders: say so, don't guess
+            log.warning("folders beside the class folders, not in dataset.classes, are ignored: %s", ", ".join(others))
         with atomic_path(out_dir) as tmp:
             curated = curate(
                 class_dirs,
                 tmp / IMAGES_DIR,
-                max_pixels=cfg["max_pixels"],
-                min_side=cfg["min_side"],
-                near_duplicate_distance=cfg["near_duplicate_distance"],
-                keep_conflicts=cfg["keep_conflicts"],
+                max_pixels=cfg.max_pixels,
+                min_side=cfg.min_side,
+                near_duplicate_distance=cfg.near_duplicate_distance,
+                keep_conflicts=cfg.keep_conflicts,
             )
             if curated.index.empty:
                 raise InputError(f"{archive}: no usable images in the class folders")

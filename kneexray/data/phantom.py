@@ -18,14 +18,16 @@ import io
 import logging
 import math
 import os
+import shutil
 import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from kneexray import CLASSES
+from kneexray import DEFAULT_CLASSES
 from kneexray.atomic import atomic_path, stable_zip_entry
 from kneexray.errors import InputError
 
@@ -33,10 +35,15 @@ log = logging.getLogger(__name__)
 
 INNER_ZIP = "Knee-X-ray.zip"
 INNER_ROOT = "Knee-X-ray"
-PREFIXES = {"normal": "N", "osteopenia": "OP", "osteoporosis": "OS"}
+PREFIXES = {"normal": "N", "osteopenia": "OP", "osteoporosis": "OS"}  # as published; other classes: "<name>_"
 
-# Class centres on the BMD axis; `difficulty` pulls them together and widens the spread.
-_BMD_CENTRE = {"normal": 0.9, "osteopenia": 0.5, "osteoporosis": 0.1}
+
+def bmd_centre(label: str, classes: Sequence[str]) -> float:
+    """The class's centre on the BMD axis: the classes evenly spaced from 0.9 (the first, densest)
+    down to 0.1 (the last), so normal / osteopenia / osteoporosis sit at 0.9, 0.5, 0.1."""
+    if label not in classes:
+        raise InputError(f"label must be one of {', '.join(classes)}, got {label!r}")
+    return 0.9 - 0.8 * list(classes).index(label) / (len(classes) - 1)
 
 
 @dataclass(frozen=True)
@@ -102,9 +109,9 @@ def _draw_nuisance(rng: np.random.Generator, size: int) -> _Nuisance:
     )
 
 
-def _draw_bmd(rng: np.random.Generator, label: str, difficulty: float) -> float:
+def _draw_bmd(rng: np.random.Generator, centre: float, difficulty: float) -> float:
     # Linear in difficulty: classes several standard deviations apart at 0, the same distribution at 1.
-    centre = 0.5 + (_BMD_CENTRE[label] - 0.5) * (1.0 - difficulty)
+    centre = 0.5 + (centre - 0.5) * (1.0 - difficulty)
     spread = 0.03 + 0.08 * difficulty
     return float(np.clip(rng.normal(centre, spread), 0.0, 1.0))
 
@@ -199,13 +206,20 @@ def _check_params(size: int, difficulty: float) -> None:
         raise InputError(f"difficulty must be in [0, 1], got {difficulty}")
 
 
-def render_knee(rng: np.random.Generator, label: str, *, size: int = 256, difficulty: float = 0.5) -> Image.Image:
-    """One synthetic AP knee radiograph of class `label`, mode "L" or "RGB", sides 0.8-1.25 x `size`."""
-    if label not in CLASSES:
-        raise InputError(f"label must be one of {', '.join(CLASSES)}, got {label!r}")
+def render_knee(
+    rng: np.random.Generator,
+    label: str,
+    *,
+    classes: Sequence[str] = DEFAULT_CLASSES,
+    size: int = 256,
+    difficulty: float = 0.5,
+) -> Image.Image:
+    """One synthetic AP knee radiograph of class `label` (of `classes`, densest first), mode "L" or
+    "RGB", sides 0.8-1.25 x `size`."""
+    centre = bmd_centre(label, classes)
     _check_params(size, difficulty)
     nu = _draw_nuisance(rng, size)
-    bmd = _draw_bmd(rng, label, difficulty)
+    bmd = _draw_bmd(rng, centre, difficulty)
 
     # Pixel centres -> anatomical (u, v): undo shift, rotation and zoom, then mirror.
     half = min(nu.width, nu.height) / 2
@@ -266,13 +280,13 @@ def render_knee(rng: np.random.Generator, label: str, *, size: int = 256, diffic
     return image.convert("RGB") if nu.rgb else image
 
 
-def phantom_labels(n_images: int, class_fractions: dict[str, float], seed: int) -> list[str]:
-    """Exactly apportioned labels (largest remainder), in an order shuffled by `seed`."""
-    if set(class_fractions) != set(CLASSES):
-        raise InputError(
-            f"class_fractions must have exactly the keys {', '.join(CLASSES)}, got {sorted(class_fractions)}"
-        )
-    fractions = [float(class_fractions[c]) for c in CLASSES]
+def phantom_labels(n_images: int, class_fractions: Mapping[str, float], seed: int) -> list[str]:
+    """Exactly apportioned labels (largest remainder), in an order shuffled by `seed`. The classes
+    are the keys of `class_fractions`, in their order."""
+    classes = list(class_fractions)
+    if len(classes) < 2:
+        raise InputError(f"class_fractions must name at least 2 classes, got {classes}")
+    fractions = [float(class_fractions[c]) for c in classes]
     if any(not f > 0 for f in fractions):  # also rejects NaN
         raise InputError(f"class_fractions must all be > 0, got {class_fractions}")
     if abs(sum(fractions) - 1) > 1e-6:
@@ -281,11 +295,11 @@ def phantom_labels(n_images: int, class_fractions: dict[str, float], seed: int) 
         raise InputError(f"n_images must be >= 0, got {n_images}")
     quotas = [n_images * f for f in fractions]
     counts = [math.floor(q) for q in quotas]
-    # Ties go to the class listed first in CLASSES.
-    by_remainder = sorted(range(len(CLASSES)), key=lambda i: (counts[i] - quotas[i], i))
+    # Ties go to the class listed first.
+    by_remainder = sorted(range(len(classes)), key=lambda i: (counts[i] - quotas[i], i))
     for i in by_remainder[: n_images - sum(counts)]:
         counts[i] += 1
-    labels = np.repeat(np.array(CLASSES), counts)
+    labels = np.repeat(np.array(classes), counts)
     return [str(label) for label in np.random.default_rng(seed).permutation(labels)]
 
 
@@ -293,7 +307,7 @@ def write_phantom_archive(
     path: str | os.PathLike,
     *,
     n_images: int,
-    class_fractions: dict[str, float],
+    class_fractions: Mapping[str, float],
     size: int,
     difficulty: float,
     seed: int,
@@ -303,29 +317,37 @@ def write_phantom_archive(
 
     Layout: an outer ZIP holding only "Knee-X-ray.zip", which holds "Knee-X-ray/<class>/<prefix><n>.jpg".
     The bytes depend only on the arguments (fixed timestamps, sorted entries, per-image seeds).
+    Images are rendered in archive order and streamed to disk, so memory does not grow with n_images.
     """
-    if n_images < len(CLASSES):
-        raise InputError(f"n_images must be >= {len(CLASSES)} (one per class), got {n_images}")
+    classes = list(class_fractions)
+    if n_images < len(classes):
+        raise InputError(f"n_images must be >= {len(classes)} (one per class), got {n_images}")
     _check_params(size, difficulty)
     labels = phantom_labels(n_images, class_fractions, seed)
+    # image `index` is number k of its class; the archive lists the classes in order, then k
+    order = [index for label in classes for index in range(n_images) if labels[index] == label]
 
-    images: dict[tuple[str, int], bytes] = {}
-    counts = dict.fromkeys(CLASSES, 0)
-    for index, label in enumerate(tqdm(labels, desc="phantom", unit="img", disable=not progress)):
-        rng = np.random.default_rng([seed, index])
-        quality = int(rng.integers(60, 96))  # drawn before anything label-dependent, like all nuisances
-        image = render_knee(rng, label, size=size, difficulty=difficulty)
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=quality)
-        counts[label] += 1
-        images[label, counts[label]] = buffer.getvalue()
-
-    inner = io.BytesIO()
-    with zipfile.ZipFile(inner, "w") as archive:
-        for label, number in sorted(images, key=lambda key: (CLASSES.index(key[0]), key[1])):
-            name = f"{INNER_ROOT}/{label}/{PREFIXES[label]}{number}.jpg"
-            archive.writestr(stable_zip_entry(name), images[label, number])
-    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as archive:
-        archive.writestr(stable_zip_entry(INNER_ZIP), inner.getvalue())
+    counts = dict.fromkeys(classes, 0)
+    with atomic_path(path) as tmp:
+        inner_path = tmp.with_name(tmp.name + ".inner")
+        try:
+            with zipfile.ZipFile(inner_path, "w") as inner:
+                for index in tqdm(order, desc="phantom", unit="img", disable=not progress):
+                    label = labels[index]
+                    rng = np.random.default_rng([seed, index])
+                    quality = int(rng.integers(60, 96))  # drawn before anything label-dependent, like all nuisances
+                    image = render_knee(rng, label, classes=classes, size=size, difficulty=difficulty)
+                    buffer = io.BytesIO()
+                    image.save(buffer, format="JPEG", quality=quality)
+                    counts[label] += 1
+                    name = f"{INNER_ROOT}/{label}/{PREFIXES.get(label, label + '_')}{counts[label]}.jpg"
+                    inner.writestr(stable_zip_entry(name), buffer.getvalue())
+            with zipfile.ZipFile(tmp, "w") as archive, open(inner_path, "rb") as src:
+                entry = stable_zip_entry(INNER_ZIP)
+                entry.file_size = os.fstat(src.fileno()).st_size  # as writestr sets it: the same bytes
+                with archive.open(entry, "w") as dst:
+                    shutil.copyfileobj(src, dst, 2**20)
+        finally:
+            inner_path.unlink(missing_ok=True)
     log.info("wrote %d phantom images to %s: %s", n_images, path, counts)
     return counts

@@ -15,6 +15,7 @@ from kneexray.data.archive import walk_tree
 from kneexray.atomic import atomic_path, stable_zip_entry
 from kneexray.data.download import download, sha256_file
 from kneexray.errors import InputError, MissingInputError
+from kneexray.params import DatasetParams, PhantomParams
 from kneexray.data.phantom import write_phantom_archive
 
 log = logging.getLogger(__name__)
@@ -47,41 +48,40 @@ def _copy_zip(source: Path, out_zip: Path, sha256: str) -> None:
         shutil.copyfile(source, tmp)
 
 
-def fetch(params: dict, out_zip: str | Path) -> dict:
-    """Produce the raw dataset ZIP at `out_zip` according to the `dataset` params."""
-    cfg, out_zip = params["dataset"], Path(out_zip)
-    source = cfg["source"]
+def fetch(cfg: DatasetParams, phantom: PhantomParams, out_zip: str | Path) -> dict:
+    """Produce the raw dataset ZIP at `out_zip` from the source `cfg` names (`phantom`: its settings)."""
+    out_zip = Path(out_zip)
+    source = cfg.source
     if source == "phantom":
-        ph = params["phantom"]
         counts = write_phantom_archive(
             out_zip,
-            n_images=ph["n_images"],
-            class_fractions=ph["class_fractions"],
-            size=ph["size"],
-            difficulty=ph["difficulty"],
-            seed=ph["seed"],
+            n_images=phantom.n_images,
+            class_fractions=phantom.class_fractions,
+            size=phantom.size,
+            difficulty=phantom.difficulty,
+            seed=phantom.seed,
             progress=True,
         )
         log.info("phantom: %s", counts)
     elif source == "url":
         # require_zip: an HTML error page must fail here, not be cached by DVC as the dataset
         download(
-            cfg["url"],
+            cfg.url,
             out_zip,
-            sha256=cfg["sha256"] or None,
-            max_bytes=cfg["max_download_mb"] * 2**20,
-            timeout=cfg["timeout_s"],
-            retries=cfg["retries"],
-            deadline=cfg["deadline_s"],
-            min_rate_kbps=cfg["min_rate_kbps"],
+            sha256=cfg.sha256 or None,
+            max_bytes=cfg.max_download_mb * 2**20,
+            timeout=cfg.timeout_s,
+            retries=cfg.retries,
+            deadline=cfg.deadline_s,
+            min_rate_kbps=cfg.min_rate_kbps,
             require_zip=True,
         )
     else:
-        path = Path(cfg["path"]).expanduser()
+        path = Path(cfg.path).expanduser()
         if path.is_dir():
             _pack_folder(path, out_zip)
         elif path.is_file():
-            _copy_zip(path, out_zip, cfg["sha256"])
+            _copy_zip(path, out_zip, cfg.sha256)
         else:
             raise MissingInputError(f"dataset.path: {path} does not exist (a ZIP or a folder laid out by class)")
     return {"source": source, "bytes": out_zip.stat().st_size, "sha256": sha256_file(out_zip)}

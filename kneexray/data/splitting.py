@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from kneexray import CLASSES
 from kneexray.errors import KneexrayError
 
 SPLITS = ("train", "val", "test")
@@ -16,16 +17,18 @@ class SplitError(KneexrayError, ValueError):
     """The data can't be split as asked (a class too small, say)."""
 
 
-def _hold_out(frame: pd.DataFrame, ratio: float, seed: int, what: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _hold_out(
+    frame: pd.DataFrame, classes: Sequence[str], ratio: float, seed: int, what: str
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One fold of a StratifiedGroupKFold with about 1/ratio folds: stratified by label, whole groups."""
     folds = max(2, round(1 / ratio))
     counts = frame["label"].value_counts()
-    too_small = {c: int(counts.get(c, 0)) for c in CLASSES if counts.get(c, 0) < folds}
+    too_small = {c: int(counts.get(c, 0)) for c in classes if counts.get(c, 0) < folds}
     if too_small:
         raise SplitError(
             f"{what}: class(es) too small to split at ratio {ratio:g} (need at least {folds} images each): "
             + ", ".join(f"{c}={n}" for c, n in too_small.items())
-            + f"; counts: {dict((c, int(counts.get(c, 0))) for c in CLASSES)}"
+            + f"; counts: {dict((c, int(counts.get(c, 0))) for c in classes)}"
         )
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     rest_idx, held_idx = next(splitter.split(frame, frame["label"], groups=frame["group"]))
@@ -33,14 +36,21 @@ def _hold_out(frame: pd.DataFrame, ratio: float, seed: int, what: str) -> tuple[
 
 
 def split_index(
-    index: pd.DataFrame, *, test_ratio: float, val_ratio: float, seed: int, group_near_duplicates: bool = True
+    index: pd.DataFrame,
+    classes: Sequence[str],
+    *,
+    test_ratio: float,
+    val_ratio: float,
+    seed: int,
+    group_near_duplicates: bool = True,
 ) -> dict[str, pd.DataFrame]:
-    """Test first, then validation from what remains, as in the original notebook (20%, then 10%)."""
+    """Test first, then validation from what remains, as in the original notebook (20%, then 10%);
+    every one of `classes` must have enough images for both."""
     frame = index.copy()
     if not group_near_duplicates:  # every image its own group: copies may then leak across splits
         frame["group"] = np.arange(len(frame))
-    rest, test = _hold_out(frame, test_ratio, seed, "test split")
-    train, val = _hold_out(rest, val_ratio, seed + 1, "validation split")
+    rest, test = _hold_out(frame, classes, test_ratio, seed, "test split")
+    train, val = _hold_out(rest, classes, val_ratio, seed + 1, "validation split")
     return {name: part.sort_values("path").reset_index(drop=True) for name, part in zip(SPLITS, (train, val, test))}
 
 
@@ -63,8 +73,8 @@ def _straddling(splits: dict[str, pd.DataFrame], index: pd.DataFrame, close: lis
     ]
 
 
-def split_counts(splits: dict[str, pd.DataFrame]) -> dict[str, dict[str, int]]:
-    return {name: {c: int((part["label"] == c).sum()) for c in CLASSES} for name, part in splits.items()}
+def split_counts(splits: dict[str, pd.DataFrame], classes: Sequence[str]) -> dict[str, dict[str, int]]:
+    return {name: {c: int((part["label"] == c).sum()) for c in classes} for name, part in splits.items()}
 
 
 class LeakageError(SplitError):

@@ -15,6 +15,7 @@ from pathlib import Path
 from kneexray.data.archive import walk_tree
 from kneexray.atomic import write_json
 from kneexray.errors import MissingInputError
+from kneexray.params import Params
 
 CHUNK = 2**20
 
@@ -38,17 +39,17 @@ def content_hash(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def used_inputs(params: dict) -> dict[str, str]:
-    """The outside inputs this configuration reads: name -> path ('' when not used)."""
-    dataset, resnet = params["dataset"], params["resnet"]
+def used_inputs(params: Params) -> dict[str, str]:
+    """The outside inputs this configuration reads, from several sections: name -> path ('' when not used)."""
+    dataset, resnet = params.dataset, params.resnet
     return {
-        "dataset": dataset["path"] if dataset["source"] == "path" else "",
-        "external": params["evaluate"]["external_path"],
-        "resnet_weights": resnet["weights_path"] if resnet["weights"] == "file" else "",
+        "dataset": dataset.path if dataset.source == "path" else "",
+        "external": params.evaluate.external_path,
+        "resnet_weights": resnet.weights_path if resnet.weights == "file" else "",
     }
 
 
-def write_hashes(params: dict, out_dir: str | Path) -> dict[str, dict]:
+def write_hashes(params: Params, out_dir: str | Path) -> dict[str, dict]:
     """out_dir/<name>.json for each input: its path and content hash, or {} when it is not used."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

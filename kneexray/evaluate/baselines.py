@@ -16,30 +16,31 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from kneexray import CLASSES
+from kneexray import DEFAULT_CLASSES
 
-K = len(CLASSES)
-
-
-def class_priors(y_train: np.ndarray) -> np.ndarray:
-    return np.bincount(y_train, minlength=K) / len(y_train)
+# Each function takes the number of classes, k: class indices run 0..k-1 (params dataset.classes).
 
 
-def chance_draws(y_train: np.ndarray, n_test: int, draws: int, seed: int) -> np.ndarray:
+def class_priors(y_train: np.ndarray, k: int) -> np.ndarray:
+    return np.bincount(y_train, minlength=k) / len(y_train)
+
+
+def chance_draws(y_train: np.ndarray, n_test: int, draws: int, seed: int, k: int) -> np.ndarray:
     """(draws, n_test) class indices drawn at the training class frequencies: what a predictor that
     ignores the image scores is a distribution, not one number."""
     rng = np.random.default_rng(seed)
-    return rng.choice(K, size=(draws, n_test), p=class_priors(y_train))
+    return rng.choice(k, size=(draws, n_test), p=class_priors(y_train, k))
 
 
-def majority_proba(y_train: np.ndarray, n_test: int) -> np.ndarray:
+def majority_proba(y_train: np.ndarray, n_test: int, k: int) -> np.ndarray:
     """Every image gets the training priors (so the majority class, and an AUC of 0.5)."""
-    return np.tile(class_priors(y_train), (n_test, 1))
+    return np.tile(class_priors(y_train, k), (n_test, 1))
 
 
 def _logistic(seed: int, y: np.ndarray):
     # Inner CV picks the regularisation; a few hundred images and a thousand pixels overfit otherwise.
-    folds = max(2, min(5, int(np.bincount(y, minlength=K)[np.bincount(y, minlength=K) > 0].min())))
+    counts = np.bincount(y)
+    folds = max(2, min(5, int(counts[counts > 0].min())))
     return make_pipeline(
         StandardScaler(),
         LogisticRegressionCV(
@@ -52,9 +53,9 @@ def _logistic(seed: int, y: np.ndarray):
     )
 
 
-def _proba(model, x: np.ndarray) -> np.ndarray:
-    """Probabilities over all classes, also when a class was absent from training."""
-    out = np.zeros((len(x), K))
+def _proba(model, x: np.ndarray, k: int) -> np.ndarray:
+    """Probabilities over all k classes, also when a class was absent from training."""
+    out = np.zeros((len(x), k))
     out[:, model.classes_] = model.predict_proba(x)
     return out
 
@@ -65,21 +66,25 @@ def _fit(model, x, y):
         return model.fit(x, y)
 
 
-def thumbnail_logistic(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, seed: int = 0) -> np.ndarray:
+def thumbnail_logistic(
+    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, k: int, seed: int = 0
+) -> np.ndarray:
     """Balanced logistic regression on flattened greyscale thumbnails ((N, s, s, 1) uint8)."""
     model = _fit(_logistic(seed, y_train), x_train.reshape(len(x_train), -1) / 255.0, y_train)
-    return _proba(model, x_test.reshape(len(x_test), -1) / 255.0)
+    return _proba(model, x_test.reshape(len(x_test), -1) / 255.0, k)
 
 
 CLINICAL_COLUMNS = ("age", "sex", "weight")
+OST_CLASSES = DEFAULT_CLASSES  # the rule's three risk levels: low, moderate, high
 
 
 def ost_proba(table: pd.DataFrame) -> np.ndarray:
     """The OST screening rule, 0.2 x (weight kg - age): below -4 high risk (osteoporosis), -4 to -1
-    moderate (osteopenia), above -1 low (normal). One-hot, with the index as the ranking score."""
+    moderate (osteopenia), above -1 low (normal), over OST_CLASSES only. One-hot, with the index
+    as the ranking score."""
     ost = 0.2 * (table["weight"].to_numpy(float) - table["age"].to_numpy(float))
     decision = np.where(ost < -4, 2, np.where(ost <= -1, 1, 0))
-    proba = np.eye(K)[decision] * 0.5
+    proba = np.eye(len(OST_CLASSES))[decision] * 0.5
     # a monotone score so AUC ranks by the index itself: low OST, high osteoporosis risk
     risk = 1 / (1 + np.exp(ost / 2))
     proba[:, 2] += 0.5 * risk
@@ -92,6 +97,8 @@ def clinical_features(table: pd.DataFrame) -> np.ndarray:
     return np.column_stack([table["age"].to_numpy(float), sex.to_numpy(float), table["weight"].to_numpy(float)])
 
 
-def clinical_logistic(train: pd.DataFrame, y_train: np.ndarray, test: pd.DataFrame, seed: int = 0) -> np.ndarray:
+def clinical_logistic(
+    train: pd.DataFrame, y_train: np.ndarray, test: pd.DataFrame, k: int, seed: int = 0
+) -> np.ndarray:
     model = _fit(_logistic(seed, y_train), clinical_features(train), y_train)
-    return _proba(model, clinical_features(test))
+    return _proba(model, clinical_features(test), k)

@@ -20,7 +20,6 @@ import tensorflow as tf
 from matplotlib.figure import Figure
 from PIL import Image
 
-from kneexray import CLASSES
 from kneexray.atomic import write_bytes
 from kneexray.errors import InputError
 
@@ -168,7 +167,7 @@ def gradcam_grid(
     predictions: Sequence[int] | np.ndarray,
     titles: Sequence[str] | None = None,
     *,
-    classes: Sequence[str] = CLASSES,
+    classes: Sequence[str],
     ncols: int = 4,
 ) -> Figure:
     """Overlays of the predicted class's heatmap; titles green where the prediction is right, red where wrong."""

@@ -7,6 +7,7 @@ bootstrap 95% confidence intervals, and calibration is reported beside discrimin
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 from sklearn.exceptions import UndefinedMetricWarning
@@ -20,35 +21,40 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from kneexray import CLASSES
 from kneexray.errors import KneexrayError
-
-LABELS = list(range(len(CLASSES)))
 
 
 class MetricsError(KneexrayError, ValueError):
     """The predictions can't support the asked-for metric (e.g. one class only)."""
 
 
-def _check(y_true: np.ndarray, proba: np.ndarray) -> None:
+def _check(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str]) -> None:
     if len(y_true) == 0:
         raise MetricsError("no test images: nothing to evaluate")
-    if proba.shape != (len(y_true), len(CLASSES)):
-        raise MetricsError(f"probabilities have shape {proba.shape}, expected ({len(y_true)}, {len(CLASSES)})")
+    if proba.shape != (len(y_true), len(classes)):
+        raise MetricsError(f"probabilities have shape {proba.shape}, expected ({len(y_true)}, {len(classes)})")
+
+
+def percentile_ci(values, level: float = 0.95) -> dict[str, float | None]:
+    """The central `level` range of bootstrap (or random-draw) values; None bounds when there are none."""
+    if len(values) == 0:
+        return {"low": None, "high": None}
+    tail = (1 - level) / 2 * 100
+    return {"low": float(np.percentile(values, tail)), "high": float(np.percentile(values, 100 - tail))}
 
 
 def macro_auc(y_true: np.ndarray, proba: np.ndarray) -> float | None:
     """One-vs-rest ROC AUC averaged over the classes present; None with fewer than two classes."""
-    present = [c for c in LABELS if (y_true == c).any()]
+    present = [c for c in range(proba.shape[1]) if (y_true == c).any()]
     if len(present) < 2:
         return None
     aucs = [roc_auc_score(y_true == c, proba[:, c]) for c in present]
     return float(np.mean(aucs))
 
 
-def per_class_auc(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float | None]:
+def per_class_auc(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str]) -> dict[str, float | None]:
     out = {}
-    for c, name in enumerate(CLASSES):
+    for c, name in enumerate(classes):
         positives = (y_true == c).sum()
         out[name] = float(roc_auc_score(y_true == c, proba[:, c])) if 0 < positives < len(y_true) else None
     return out
@@ -84,25 +90,17 @@ def bootstrap_ci(
     """
     rng = np.random.default_rng(seed)
     y_pred = proba.argmax(axis=1)
-    n, k = len(y_true), len(CLASSES)
+    n, k = len(y_true), proba.shape[1]
     idx = rng.integers(0, n, (resamples, n))
     t, p = y_true[idx], y_pred[idx]
     cells = t * k + p
     confusion = np.stack([np.bincount(row, minlength=k * k) for row in cells]).reshape(resamples, k, k)
     stats = {"accuracy": list((t == p).mean(axis=1)), "macro_f1": list(_macro_f1_counts(confusion)), "macro_auc": []}
     for row in idx:
-        aucs = [a for c in LABELS if (a := _auc_rank(y_true[row] == c, proba[row, c])) is not None]
+        aucs = [a for c in range(k) if (a := _auc_rank(y_true[row] == c, proba[row, c])) is not None]
         if len(aucs) >= 2:
             stats["macro_auc"].append(float(np.mean(aucs)))
-    tail = (1 - level) / 2 * 100
-    return {
-        name: (
-            {"low": float(np.percentile(v, tail)), "high": float(np.percentile(v, 100 - tail))}
-            if v
-            else {"low": None, "high": None}
-        )
-        for name, v in stats.items()
-    }
+    return {name: percentile_ci(v, level) for name, v in stats.items()}
 
 
 def calibration(y_true: np.ndarray, proba: np.ndarray, bins: int) -> tuple[float, list[dict]]:
@@ -130,10 +128,10 @@ def calibration(y_true: np.ndarray, proba: np.ndarray, bins: int) -> tuple[float
     return float(ece), rows
 
 
-def roc_points(y_true: np.ndarray, proba: np.ndarray) -> dict[str, list[dict]]:
+def roc_points(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str]) -> dict[str, list[dict]]:
     """Per-class one-vs-rest ROC curves (fpr, tpr) for classes with positives and negatives."""
     curves = {}
-    for c, name in enumerate(CLASSES):
+    for c, name in enumerate(classes):
         positives = (y_true == c).sum()
         if 0 < positives < len(y_true):
             fpr, tpr, _ = roc_curve(y_true == c, proba[:, c])
@@ -141,29 +139,33 @@ def roc_points(y_true: np.ndarray, proba: np.ndarray) -> dict[str, list[dict]]:
     return curves
 
 
-def evaluate_predictions(y_true, proba, *, resamples: int = 1000, seed: int = 0, bins: int = 10) -> dict:
-    """All test metrics for one model. Raises MetricsError when only one class is present."""
+def evaluate_predictions(
+    y_true, proba, classes: Sequence[str], *, resamples: int = 1000, seed: int = 0, bins: int = 10
+) -> dict:
+    """All test metrics for one model (`proba`'s columns are `classes`). Raises MetricsError when
+    only one class is present."""
     y_true, proba = np.asarray(y_true, dtype=int), np.asarray(proba, dtype=float)
-    _check(y_true, proba)
+    _check(y_true, proba, classes)
     present = np.unique(y_true)
     if len(present) < 2:
         raise MetricsError(
-            f"the test set holds only class {CLASSES[present[0]]!r}: per-class and AUC metrics "
+            f"the test set holds only class {classes[present[0]]!r}: per-class and AUC metrics "
             "are undefined; use a larger test split"
         )
     y_pred = proba.argmax(axis=1)
+    labels = list(range(len(classes)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)
-        precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=LABELS, zero_division=0)
-        weighted = precision_recall_fscore_support(y_true, y_pred, labels=LABELS, average="weighted", zero_division=0)
-        macro = precision_recall_fscore_support(y_true, y_pred, labels=LABELS, average="macro", zero_division=0)
+        precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+        weighted = precision_recall_fscore_support(y_true, y_pred, labels=labels, average="weighted", zero_division=0)
+        macro = precision_recall_fscore_support(y_true, y_pred, labels=labels, average="macro", zero_division=0)
         report = classification_report(
-            y_true, y_pred, labels=LABELS, target_names=list(CLASSES), zero_division=0, digits=3
+            y_true, y_pred, labels=labels, target_names=list(classes), zero_division=0, digits=3
         )
     ece, reliability = calibration(y_true, proba, bins)
     return {
         "n_test": int(len(y_true)),
-        "test_per_class": {name: int(s) for name, s in zip(CLASSES, support)},
+        "test_per_class": {name: int(s) for name, s in zip(classes, support)},
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
         "macro_precision": float(macro[0]),
@@ -175,25 +177,32 @@ def evaluate_predictions(y_true, proba, *, resamples: int = 1000, seed: int = 0,
         "macro_auc": macro_auc(y_true, proba),
         "per_class": {
             name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-            for name, p, r, f, s in zip(CLASSES, precision, recall, f1, support)
+            for name, p, r, f, s in zip(classes, precision, recall, f1, support)
         },
-        "per_class_auc": per_class_auc(y_true, proba),
+        "per_class_auc": per_class_auc(y_true, proba, classes),
         "ci95": bootstrap_ci(y_true, proba, resamples=resamples, seed=seed),
         "ece": ece,
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=LABELS).tolist(),
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
         "classification_report": report,
         "reliability": reliability,
-        "roc": roc_points(y_true, proba),
+        "roc": roc_points(y_true, proba, classes),
     }
 
 
 def paired_difference(
-    y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, *, resamples: int, seed: int, level: float = 0.95
-) -> dict[str, float]:
+    y_true: np.ndarray,
+    pred_a: np.ndarray,
+    pred_b: np.ndarray,
+    n_classes: int,
+    *,
+    resamples: int,
+    seed: int,
+    level: float = 0.95,
+) -> dict:
     """Macro-F1 of A minus B on the same bootstrap resamples of the test images (a paired CI:
     both are scored on each resample, so the shared luck of the test set cancels)."""
     rng = np.random.default_rng(seed)
-    n, k = len(y_true), len(CLASSES)
+    n, k = len(y_true), n_classes
     idx = rng.integers(0, n, (resamples, n))
 
     def f1s(pred):
@@ -204,27 +213,17 @@ def paired_difference(
     full = _macro_f1_counts(np.bincount(y_true * k + pred_a, minlength=k * k).reshape(k, k)) - _macro_f1_counts(
         np.bincount(y_true * k + pred_b, minlength=k * k).reshape(k, k)
     )
-    diffs = f1s(pred_a) - f1s(pred_b)
-    tail = (1 - level) / 2 * 100
-    return {
-        "macro_f1_difference": float(full),
-        "low": float(np.percentile(diffs, tail)),
-        "high": float(np.percentile(diffs, 100 - tail)),
-    }
+    return {"macro_f1_difference": float(full), **percentile_ci(f1s(pred_a) - f1s(pred_b), level)}
 
 
-def chance_summary(y_true: np.ndarray, draws: np.ndarray, level: float = 0.95) -> dict:
+def chance_summary(y_true: np.ndarray, draws: np.ndarray, n_classes: int, level: float = 0.95) -> dict:
     """Accuracy and macro-F1 of predictions drawn at random (rows of `draws`): mean and the central
     `level` range over the draws."""
-    k = len(CLASSES)
+    k = n_classes
     cells = y_true[None, :] * k + draws
     confusion = np.stack([np.bincount(row, minlength=k * k) for row in cells]).reshape(len(draws), k, k)
     stats = {"accuracy": (draws == y_true[None, :]).mean(axis=1), "macro_f1": _macro_f1_counts(confusion)}
-    tail = (1 - level) / 2 * 100
     out: dict = {name: float(v.mean()) for name, v in stats.items()}
     out["macro_auc"] = 0.5
-    out["ci95"] = {
-        name: {"low": float(np.percentile(v, tail)), "high": float(np.percentile(v, 100 - tail))}
-        for name, v in stats.items()
-    }
+    out["ci95"] = {name: percentile_ci(v, level) for name, v in stats.items()}
     return out

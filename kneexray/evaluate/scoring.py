@@ -7,17 +7,18 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from kneexray import CLASSES
 from kneexray.atomic import atomic_path, write_json, write_text
-from kneexray.errors import MissingInputError
+from kneexray.errors import InputError, MissingInputError
 from kneexray.evaluate import baselines
 from kneexray.evaluate.metrics import chance_summary, evaluate_predictions, paired_difference
 from kneexray.layout import CLINICAL_FILE, FINGERPRINTS_FILE, INDEX_FILE
 from kneexray.model.inputs import label_indices, load_images, make_dataset, read_split
+from kneexray.params import EvaluateParams, ExtractParams, Params
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def headline(result: dict, metadata: dict | None = None) -> dict:
     """The small, diffable figures for reports/metrics.json."""
     out = {name: result[name] for name in HEADLINE}
     out["ci95"] = result["ci95"]
-    out["recall"] = {c: result["per_class"][c]["recall"] for c in CLASSES}
+    out["recall"] = {c: values["recall"] for c, values in result["per_class"].items()}
     if metadata is not None:
         out["weights_source"] = metadata["weights_source"]
         out["pretrained"] = int(metadata["weights_source"] not in ("random", "none (trained from scratch)"))
@@ -61,28 +62,33 @@ def _clinical_rows(rows: pd.DataFrame, data_root: Path) -> pd.DataFrame | None:
     return clinical
 
 
-def score_baselines(train_rows: pd.DataFrame, test_rows: pd.DataFrame, data_root: Path, cfg: dict) -> tuple[dict, dict]:
+def score_baselines(
+    train_rows: pd.DataFrame, test_rows: pd.DataFrame, data_root: Path, cfg: EvaluateParams, classes: tuple[str, ...]
+) -> tuple[dict, dict]:
     """Each baseline's headline metrics on the test images, and its predicted classes (for the
     paired comparison). Chance is a distribution over random draws, so it has no single prediction."""
-    y_train, y_test = label_indices(train_rows["label"]), label_indices(test_rows["label"])
-    resamples, seed = cfg["bootstrap_resamples"], cfg["seed"]
+    y_train, y_test = label_indices(train_rows["label"], classes), label_indices(test_rows["label"], classes)
+    resamples, seed, k = cfg.bootstrap_resamples, cfg.seed, len(classes)
 
     def scored(proba):
-        return evaluate_predictions(y_test, proba, resamples=resamples, seed=seed, bins=cfg["calibration_bins"])
+        return evaluate_predictions(y_test, proba, classes, resamples=resamples, seed=seed, bins=cfg.calibration_bins)
 
-    results = {"chance": chance_summary(y_test, baselines.chance_draws(y_train, len(y_test), resamples, seed))}
-    probas = {"majority": baselines.majority_proba(y_train, len(y_test))}
-    size = cfg["thumbnail_size"]
+    draws = baselines.chance_draws(y_train, len(y_test), resamples, seed, k)
+    results = {"chance": chance_summary(y_test, draws, k)}
+    probas = {"majority": baselines.majority_proba(y_train, len(y_test), k)}
+    size = cfg.thumbnail_size
     probas["thumbnail_logistic"] = baselines.thumbnail_logistic(
         load_images(train_rows["path"], size, root=data_root, desc="thumbnails"),
         y_train,
         load_images(test_rows["path"], size, root=data_root, desc="thumbnails"),
+        k,
         seed=seed,
     )
     clinical_train, clinical_test = _clinical_rows(train_rows, data_root), _clinical_rows(test_rows, data_root)
     if clinical_train is not None and clinical_test is not None:
-        probas["clinical_ost"] = baselines.ost_proba(clinical_test)
-        probas["clinical_logistic"] = baselines.clinical_logistic(clinical_train, y_train, clinical_test, seed=seed)
+        if classes == baselines.OST_CLASSES:  # the rule's risk levels are these three classes
+            probas["clinical_ost"] = baselines.ost_proba(clinical_test)
+        probas["clinical_logistic"] = baselines.clinical_logistic(clinical_train, y_train, clinical_test, k, seed=seed)
     for name, proba in probas.items():
         results[name] = headline(scored(proba))
         log.info("baseline %s: macro-F1 %s", name, results[name]["macro_f1"])
@@ -94,20 +100,22 @@ def best_baseline(results: dict) -> str:
     return max((name for name in results if name != "chance"), key=lambda name: results[name]["macro_f1"])
 
 
-def write_model_reports(out_dir: Path, rows: pd.DataFrame, y_true, proba, result: dict) -> None:
+def write_model_reports(
+    out_dir: Path, rows: pd.DataFrame, y_true, proba, result: dict, classes: tuple[str, ...]
+) -> None:
     """Predictions (DVC confusion template), ROC per class, reliability, classification report."""
     predictions = pd.DataFrame(
         {
             "path": rows["path"],
-            "actual": [CLASSES[i] for i in y_true],
-            "predicted": [CLASSES[i] for i in proba.argmax(axis=1)],
-            **{f"p_{c}": np.round(proba[:, i], 6) for i, c in enumerate(CLASSES)},
+            "actual": [classes[i] for i in y_true],
+            "predicted": [classes[i] for i in proba.argmax(axis=1)],
+            **{f"p_{c}": np.round(proba[:, i], 6) for i, c in enumerate(classes)},
         }
     )
     with atomic_path(out_dir) as tmp:
         (tmp / "roc").mkdir(parents=True)
         predictions.to_csv(tmp / "predictions.csv", index=False)
-        for cls in CLASSES:  # one file per class, so DVC draws one line per class
+        for cls in classes:  # one file per class, so DVC draws one line per class
             pd.DataFrame(result["roc"].get(cls, []), columns=["fpr", "tpr"]).to_csv(
                 tmp / "roc" / f"{cls}.csv", index=False
             )
@@ -120,7 +128,7 @@ def write_model_reports(out_dir: Path, rows: pd.DataFrame, y_true, proba, result
 
 
 def prepare_external(
-    path: str | Path, extract_cfg: dict, train_prints: np.ndarray, scratch: Path
+    path: str | Path, extract_cfg: ExtractParams, classes: tuple[str, ...], train_prints: np.ndarray, scratch: Path
 ) -> tuple[pd.DataFrame, Path, dict]:
     """An external test set, curated like the main data, minus (near-)copies of training images.
 
@@ -128,28 +136,28 @@ def prepare_external(
     """
     from kneexray.data.archive import ExtractLimits, extract_nested, find_class_dirs
     from kneexray.data.curation import curate
-    from kneexray.data.fingerprint import nearest_distance
+    from kneexray.data.fingerprint import near_any
 
     source = Path(path).expanduser()
     if source.is_file():
         limits = ExtractLimits(
-            max_depth=extract_cfg["max_depth"],
-            max_total_bytes=extract_cfg["max_total_mb"] * 2**20,
-            max_ratio=float(extract_cfg["max_ratio"]),
+            max_depth=extract_cfg.max_depth,
+            max_total_bytes=extract_cfg.max_total_mb * 2**20,
+            max_ratio=float(extract_cfg.max_ratio),
         )
         extract_nested(source, scratch / "unpacked", limits)
         source = scratch / "unpacked"
     elif not source.is_dir():
         raise MissingInputError(f"evaluate.external_path: {path} does not exist (a ZIP or a folder laid out by class)")
     curated = curate(
-        find_class_dirs(source, CLASSES),
+        find_class_dirs(source, classes),
         scratch / "images",
-        max_pixels=extract_cfg["max_pixels"],
-        min_side=extract_cfg["min_side"],
-        near_duplicate_distance=extract_cfg["near_duplicate_distance"],
+        max_pixels=extract_cfg.max_pixels,
+        min_side=extract_cfg.min_side,
+        near_duplicate_distance=extract_cfg.near_duplicate_distance,
         keep_conflicts=False,
     )
-    copies = nearest_distance(curated.fingerprints, train_prints) <= extract_cfg["near_duplicate_distance"]
+    copies = near_any(curated.fingerprints, train_prints, extract_cfg.near_duplicate_distance)
     rows = curated.index.loc[~copies, ["path", "label"]].reset_index(drop=True)
     audit = {
         "files_seen": curated.audit["files_seen"],
@@ -157,31 +165,31 @@ def prepare_external(
         "label_conflicts": curated.audit["label_conflicts"],
         "copies_of_training_images_removed": int(copies.sum()),
         "n": int(len(rows)),
-        "per_class": {c: int((rows["label"] == c).sum()) for c in CLASSES},
+        "per_class": {c: int((rows["label"] == c).sum()) for c in classes},
     }
     if copies.any():
         log.warning("external set: %d image(s) are (near-)copies of training images and were removed", copies.sum())
     return rows, scratch / "images", audit
 
 
-def _training_fingerprints(test_csv: Path, data_root: Path) -> np.ndarray:
+def _training_fingerprints(test_csv: Path, data_root: Path, classes: tuple[str, ...]) -> np.ndarray:
     """Fingerprints of the images the models learned from (train and validation splits)."""
     index = pd.read_csv(data_root / INDEX_FILE)
-    seen = set(pd.concat([read_split(test_csv.with_name(f"{s}.csv"))["path"] for s in ("train", "val")]))
+    seen = set(pd.concat([read_split(test_csv.with_name(f"{s}.csv"), classes)["path"] for s in ("train", "val")]))
     return np.load(data_root / FINGERPRINTS_FILE)[index["path"].isin(seen).to_numpy()]
 
 
-def _evaluate_set(model, metadata, rows: pd.DataFrame, root: Path, params: dict, cache: dict, out_dir: Path) -> dict:
-    cfg = params["evaluate"]
+def _evaluate_set(model, metadata, rows: pd.DataFrame, root: Path, params: Params, cache: dict, out_dir: Path) -> dict:
+    cfg, classes = params.evaluate, params.dataset.classes
     key = size, fit = metadata["image_size"], metadata.get("image_fit", "squash")
     if key not in cache:
         cache[key] = load_images(rows["path"], size, fit=fit, root=root, desc="images")
-    y_true = label_indices(rows["label"])
-    proba = predict_proba(model, cache[key], params["image"]["batch_size"])
+    y_true = label_indices(rows["label"], classes)
+    proba = predict_proba(model, cache[key], params.image.batch_size)
     result = evaluate_predictions(
-        y_true, proba, resamples=cfg["bootstrap_resamples"], seed=cfg["seed"], bins=cfg["calibration_bins"]
+        y_true, proba, classes, resamples=cfg.bootstrap_resamples, seed=cfg.seed, bins=cfg.calibration_bins
     )
-    write_model_reports(out_dir, rows, y_true, proba, result)
+    write_model_reports(out_dir, rows, y_true, proba, result, classes)
     result["predicted"] = proba.argmax(axis=1)
     return result
 
@@ -193,39 +201,49 @@ def evaluate_models(
     data_root: str | Path,
     out_dir: str | Path,
     metrics_path: str | Path,
-    params: dict,
+    params: Params,
 ) -> dict:
     """Each model on the test split and, with evaluate.external_path, on an external set."""
     from kneexray.model.files import load_model
 
     test_csv, data_root, out_dir = Path(test_csv), Path(data_root), Path(out_dir)
-    rows = read_split(test_csv)
-    summary = {
+    classes = params.dataset.classes
+    rows = read_split(test_csv, classes)
+    summary: dict[str, Any] = {
+        "classes": list(classes),
         "data": {
-            "source": params["dataset"]["source"],
+            "source": params.dataset.source,
             "n_test": int(len(rows)),
-            "test_per_class": {c: int((rows["label"] == c).sum()) for c in CLASSES},
-        }
+            "test_per_class": {c: int((rows["label"] == c).sum()) for c in classes},
+        },
     }
     sets = {"test": (rows, data_root)}
-    train_rows = pd.concat([read_split(test_csv.with_name(f"{s}.csv")) for s in ("train", "val")], ignore_index=True)
-    summary["baselines"], baseline_predictions = score_baselines(train_rows, rows, data_root, params["evaluate"])
+    train_rows = pd.concat(
+        [read_split(test_csv.with_name(f"{s}.csv"), classes) for s in ("train", "val")], ignore_index=True
+    )
+    summary["baselines"], baseline_predictions = score_baselines(train_rows, rows, data_root, params.evaluate, classes)
     best = best_baseline(summary["baselines"])
-    y_test = label_indices(rows["label"])
+    y_test = label_indices(rows["label"], classes)
     cards: dict[str, dict] = {}
     scratch = Path(tempfile.mkdtemp(prefix=".external-", dir=data_root.parent))
     try:
-        if params["evaluate"]["external_path"]:
+        if params.evaluate.external_path:
             ext_rows, ext_root, summary["external_data"] = prepare_external(
-                params["evaluate"]["external_path"],
-                params["extract"],
-                _training_fingerprints(test_csv, data_root),
+                params.evaluate.external_path,
+                params.extract,
+                classes,
+                _training_fingerprints(test_csv, data_root, classes),
                 scratch,
             )
             sets["external"] = (ext_rows, ext_root)
         caches: dict[str, dict] = {name: {} for name in sets}
         for name, path in models.items():
             model, metadata = load_model(path)
+            if tuple(metadata["classes"]) != classes:
+                raise InputError(
+                    f"{path}: the model's classes ({', '.join(metadata['classes'])}) are not "
+                    f"dataset.classes ({', '.join(classes)}); retrain it"
+                )
             cards[name] = metadata
             for set_name, (set_rows, root) in sets.items():
                 target = out_dir / name if set_name == "test" else out_dir / f"{name}_{set_name}"
@@ -238,8 +256,9 @@ def evaluate_models(
                             y_test,
                             result["predicted"],
                             baseline_predictions[best],
-                            resamples=params["evaluate"]["bootstrap_resamples"],
-                            seed=params["evaluate"]["seed"],
+                            len(classes),
+                            resamples=params.evaluate.bootstrap_resamples,
+                            seed=params.evaluate.seed,
                         ),
                     }
                     summary[name] = entry

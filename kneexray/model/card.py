@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from kneexray.layout import INDEX_FILE
+from kneexray.params import Params, as_plain
 
 INTENDED_USE = (
     "Research and teaching: a demonstration of a reproducible pipeline. Not a medical device; "
@@ -28,22 +29,22 @@ def code_digest() -> str:
     return digest.hexdigest()
 
 
-def model_card(kind: str, params: dict, data_root: str | Path) -> dict:
+def model_card(kind: str, params: Params, data_root: str | Path) -> dict:
     """What a reader of the model file needs to judge it: which data (source and the hash of the
     extract stage's index, which lists every image's sha256), which code, which settings."""
     index = Path(data_root) / INDEX_FILE
-    augment = params["augment"] if kind == "cnn" else {"horizontal_flip": params["augment"]["horizontal_flip"]}
+    augment = as_plain(params.augment) if kind == "cnn" else {"horizontal_flip": params.augment.horizontal_flip}
     return {
         "data": {
-            "source": params["dataset"]["source"],
+            "source": params.dataset.source,
             "index_sha256": hashlib.sha256(index.read_bytes()).hexdigest() if index.is_file() else None,
         },
         "code_sha256": code_digest(),
         "params": {
-            kind: params[kind],
+            kind: as_plain(params.model(kind)),
             "augment": augment,
-            "image": params["image"],
-            "train": {k: v for k, v in params["train"].items() if k not in ("threads", "resume")},
+            "image": as_plain(params.image),
+            "train": {k: v for k, v in as_plain(params.train).items() if k not in ("threads", "resume")},
         },
         "intended_use": INTENDED_USE,
     }

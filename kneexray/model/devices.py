@@ -10,6 +10,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kneexray.params import TrainParams
+
 log = logging.getLogger(__name__)
 
 
@@ -19,20 +21,20 @@ def seed_everything(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def configure_devices(train_cfg: dict) -> None:
+def configure_devices(train_cfg: TrainParams) -> None:
     """Threads, GPU memory growth and mixed precision, before any model is built."""
-    if train_cfg["threads"]:
+    if train_cfg.threads:
         # several queued experiments share the cores instead of each grabbing them all
         try:
-            tf.config.threading.set_intra_op_parallelism_threads(train_cfg["threads"])
-            tf.config.threading.set_inter_op_parallelism_threads(train_cfg["threads"])
-            log.info("limited to %d TensorFlow thread(s) per pool (train.threads)", train_cfg["threads"])
+            tf.config.threading.set_intra_op_parallelism_threads(train_cfg.threads)
+            tf.config.threading.set_inter_op_parallelism_threads(train_cfg.threads)
+            log.info("limited to %d TensorFlow thread(s) per pool (train.threads)", train_cfg.threads)
         except RuntimeError:  # TensorFlow already started in this process (tests); stages start fresh
             log.warning("train.threads ignored: TensorFlow was already initialised in this process")
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:  # experiments sharing a GPU must not each reserve all of its memory
         tf.config.experimental.set_memory_growth(gpu, True)
-    policy = train_cfg["mixed_precision"]
+    policy = train_cfg.mixed_precision
     if policy == "auto":
         policy = "mixed_float16" if gpus else "float32"
     keras.mixed_precision.set_global_policy(policy)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,23 +18,23 @@ import pandas as pd
 import tensorflow as tf
 from tqdm import tqdm
 
-from kneexray import CLASSES
 from kneexray.data.images import load_grey_array
 from kneexray.errors import InputError
 from kneexray.model.layers import RandomScaleBrightness
+from kneexray.params import AugmentParams
 
 log = logging.getLogger(__name__)
 
 
-def read_split(csv_path: str | Path) -> pd.DataFrame:
-    """A split list: one row per image with at least `path` and `label` columns."""
+def read_split(csv_path: str | Path, classes: Sequence[str]) -> pd.DataFrame:
+    """A split list: one row per image with at least `path` and `label` columns, labels of `classes`."""
     frame = pd.read_csv(csv_path)
     missing = {"path", "label"} - set(frame.columns)
     if missing:
         raise InputError(f"{csv_path}: missing column(s) {', '.join(sorted(missing))}")
-    unknown = set(frame["label"]) - set(CLASSES)
+    unknown = set(frame["label"].astype(str)) - set(classes)
     if unknown:
-        raise InputError(f"{csv_path}: unknown label(s) {', '.join(sorted(unknown))}; expected {', '.join(CLASSES)}")
+        raise InputError(f"{csv_path}: unknown label(s) {', '.join(sorted(unknown))}; expected {', '.join(classes)}")
     return frame
 
 
@@ -61,12 +62,13 @@ def load_images(
     return out
 
 
-def label_indices(labels) -> np.ndarray:
-    index = {name: i for i, name in enumerate(CLASSES)}
+def label_indices(labels, classes: Sequence[str]) -> np.ndarray:
+    """Each label's position in `classes` (the model's output order)."""
+    index = {name: i for i, name in enumerate(classes)}
     return np.array([index[label] for label in labels], dtype=np.int64)
 
 
-def build_augmenter(augment: dict, seed: int) -> tf.keras.Sequential | None:
+def build_augmenter(augment: AugmentParams, seed: int) -> tf.keras.Sequential | None:
     """Keras preprocessing layers for training batches only (validation/test are never augmented)."""
     import keras
 
@@ -74,21 +76,19 @@ def build_augmenter(augment: dict, seed: int) -> tf.keras.Sequential | None:
     # and the augmentation runs in tf.data on the CPU, outside the model.
     f32 = {"dtype": "float32"}
     layers = []
-    if augment["horizontal_flip"]:
+    if augment.horizontal_flip:
         layers.append(keras.layers.RandomFlip("horizontal", seed=seed, **f32))
-    if augment["rotation_deg"] > 0:
+    if augment.rotation_deg > 0:
         layers.append(
-            keras.layers.RandomRotation(augment["rotation_deg"] / 360.0, fill_mode="constant", seed=seed + 1, **f32)
+            keras.layers.RandomRotation(augment.rotation_deg / 360.0, fill_mode="constant", seed=seed + 1, **f32)
         )
-    if augment["shift"] > 0:
+    if augment.shift > 0:
         layers.append(
-            keras.layers.RandomTranslation(
-                augment["shift"], augment["shift"], fill_mode="constant", seed=seed + 2, **f32
-            )
+            keras.layers.RandomTranslation(augment.shift, augment.shift, fill_mode="constant", seed=seed + 2, **f32)
         )
-    if augment["zoom"] > 0:
-        layers.append(keras.layers.RandomZoom(augment["zoom"], fill_mode="constant", seed=seed + 3, **f32))
-    low, high = augment["brightness"]
+    if augment.zoom > 0:
+        layers.append(keras.layers.RandomZoom(augment.zoom, fill_mode="constant", seed=seed + 3, **f32))
+    low, high = augment.brightness
     if (low, high) != (1.0, 1.0):
         layers.append(RandomScaleBrightness(low, high, seed=seed + 4, **f32))
     return keras.Sequential(layers, name="augment") if layers else None
@@ -102,11 +102,14 @@ def make_dataset(
     shuffle_seed: int | None = None,
     augmenter=None,
     drop_remainder: bool = False,
+    n_classes: int = 0,
 ) -> tf.data.Dataset:
-    """Batches of float32 images in [0, 255] (and one-hot labels); preprocessing is in the model."""
+    """Batches of float32 images in [0, 255] (and labels one-hot over `n_classes`); preprocessing is in the model."""
     features = tf.data.Dataset.from_tensor_slices(images)
     if labels is not None:
-        one_hot = tf.one_hot(labels, len(CLASSES))
+        if n_classes < 2:
+            raise ValueError(f"make_dataset: labels need n_classes >= 2, got {n_classes}")
+        one_hot = tf.one_hot(labels, n_classes)
         ds = tf.data.Dataset.zip(features, tf.data.Dataset.from_tensor_slices(one_hot))
     else:
         ds = features

@@ -7,11 +7,11 @@ model needs nothing but the pixels.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import keras
 
-from kneexray import CLASSES
 from kneexray.errors import KneexrayError, MissingInputError
 from kneexray.model.layers import CaffePreprocess, GreyToRGB
 
@@ -24,15 +24,22 @@ class WeightsUnavailable(KneexrayError, RuntimeError):
     """ImageNet weights were required but could not be had."""
 
 
-def _output_layer(output_bias, name: str = "probabilities") -> keras.layers.Dense:
+def _output_layer(n_classes: int, output_bias, name: str = "probabilities") -> keras.layers.Dense:
     """Softmax over the classes; `output_bias` (log class priors) makes the first steps predict the
     priors instead of uniform noise, where training is unweighted."""
     init = "zeros" if output_bias is None else keras.initializers.Constant(list(output_bias))
-    return keras.layers.Dense(len(CLASSES), activation="softmax", dtype="float32", bias_initializer=init, name=name)
+    return keras.layers.Dense(n_classes, activation="softmax", dtype="float32", bias_initializer=init, name=name)
 
 
 def build_cnn(
-    size: int, *, filters: list[int], dense_units: int, dropout: float, output_bias=None, name: str = "cnn"
+    size: int,
+    n_classes: int,
+    *,
+    filters: Sequence[int],
+    dense_units: int,
+    dropout: float,
+    output_bias=None,
+    name: str = "cnn",
 ) -> keras.Model:
     """Conv blocks [Conv3x3-BN-ReLU, MaxPool], dropout, global pooling and a small dense head.
 
@@ -59,7 +66,7 @@ def build_cnn(
     x = keras.layers.GlobalAveragePooling2D()(x)
     x = keras.layers.Dense(dense_units, activation="relu")(x)
     x = keras.layers.Dropout(dropout)(x)
-    return keras.Model(inputs, _output_layer(output_bias)(x), name=name)
+    return keras.Model(inputs, _output_layer(n_classes, output_bias)(x), name=name)
 
 
 def resnet_base(size: int, *, weights: str, weights_path: str = "", required: bool = False) -> tuple[keras.Model, str]:
@@ -96,12 +103,14 @@ def resnet_base(size: int, *, weights: str, weights_path: str = "", required: bo
     return base, source
 
 
-def build_head(features: int, *, dense_units: int, dropout: float, output_bias=None, name: str = "head") -> keras.Model:
+def build_head(
+    features: int, n_classes: int, *, dense_units: int, dropout: float, output_bias=None, name: str = "head"
+) -> keras.Model:
     """The transfer model's classifier on the base's pooled features: Dense + Dropout + softmax."""
     inputs = keras.Input((features,), name="features")
     x = keras.layers.Dense(dense_units, activation="relu", name="dense")(inputs)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
-    return keras.Model(inputs, _output_layer(output_bias)(x), name=name)
+    return keras.Model(inputs, _output_layer(n_classes, output_bias)(x), name=name)
 
 
 def build_resnet(size: int, *, base: keras.Model, head: keras.Model) -> keras.Model:

@@ -9,12 +9,11 @@ pick a model that gives every image the same class.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, f1_score
-
-from kneexray import CLASSES
 
 SELECTION_METRICS = ("macro_f1", "balanced_accuracy")
 
@@ -22,7 +21,7 @@ SELECTION_METRICS = ("macro_f1", "balanced_accuracy")
 def score(metric: str, y_true: np.ndarray, proba: np.ndarray) -> float:
     y_pred = np.asarray(proba).argmax(axis=1)
     if metric == "macro_f1":
-        return float(f1_score(y_true, y_pred, labels=list(range(len(CLASSES))), average="macro", zero_division=0))
+        return float(f1_score(y_true, y_pred, labels=list(range(np.shape(proba)[1])), average="macro", zero_division=0))
     if metric == "balanced_accuracy":
         return float(balanced_accuracy_score(y_true, y_pred))
     raise ValueError(f"selection metric: {metric!r} is not one of {', '.join(SELECTION_METRICS)}")
@@ -63,10 +62,10 @@ class EpochSelector:
         return epoch - self.best_epoch >= self.patience
 
 
-def prediction_shares(proba: np.ndarray) -> dict[str, float]:
-    """Share of images given each class."""
-    counts = np.bincount(np.asarray(proba).argmax(axis=1), minlength=len(CLASSES))
-    return {c: float(n / max(1, counts.sum())) for c, n in zip(CLASSES, counts)}
+def prediction_shares(proba: np.ndarray, classes: Sequence[str]) -> dict[str, float]:
+    """Share of images given each of `classes` (the columns of `proba`)."""
+    counts = np.bincount(np.asarray(proba).argmax(axis=1), minlength=len(classes))
+    return {c: float(n / max(1, counts.sum())) for c, n in zip(classes, counts)}
 
 
 def no_skill(shares: dict[str, float], threshold: float) -> str | None:

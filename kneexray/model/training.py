@@ -20,7 +20,7 @@ import pandas as pd
 from dvclive import Live
 from sklearn.utils.class_weight import compute_class_weight
 
-from kneexray import CLASSES, __version__
+from kneexray import __version__
 from kneexray.atomic import atomic_path
 from kneexray.data.splitting import assign_folds
 from kneexray.model.card import model_card
@@ -46,6 +46,7 @@ from kneexray.model.networks import (
     unfreeze_top,
 )
 from kneexray.model.selection import EpochSelector, no_skill, prediction_shares, score, weighted_log_loss
+from kneexray.params import CnnParams, Params, ResnetParams, TrainParams
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,8 @@ def _lr_schedule(learning_rate: float, steps_per_epoch: int, epochs: int, warmup
     )
 
 
-def _log_priors(labels: np.ndarray) -> list[float]:
-    counts = np.bincount(labels, minlength=len(CLASSES)) + 1.0  # +1: a class absent from a fold stays finite
+def _log_priors(labels: np.ndarray, n_classes: int) -> list[float]:
+    counts = np.bincount(labels, minlength=n_classes) + 1.0  # +1: a class absent from a fold stays finite
     return list(np.log(counts / counts.sum()))
 
 
@@ -170,8 +171,9 @@ def fit_folds(
     y: np.ndarray,
     folds: Folds,
     *,
-    cfg: dict,
-    train_cfg: dict,
+    cfg: CnnParams | ResnetParams,
+    train_cfg: TrainParams,
+    n_classes: int,
     batch: int,
     augmenter,
     strategy,
@@ -182,9 +184,9 @@ def fit_folds(
     """Train one model per fold in lockstep and keep each at the epoch with the best pooled
     out-of-fold score. `build(output_bias)` returns a compiled-ready model; `extra_fit` holds
     training-only copies (e.g. mirrored features) indexed like x. Returns (members, oof, info)."""
-    epochs, n_folds = cfg["epochs"], len(folds.held)
+    epochs, n_folds = cfg.epochs, len(folds.held)
     ragged_ok = strategy.num_replicas_in_sync == 1
-    mode = train_cfg["class_weights"]
+    mode = train_cfg.class_weights
     models, datasets, weights = [], [], []
     for f in range(n_folds):
         idx = folds.fit[f]
@@ -198,25 +200,26 @@ def fit_folds(
                     x_fit,
                     y_fit,
                     batch_size=batch,
-                    shuffle_seed=train_cfg["seed"] + f,
+                    shuffle_seed=train_cfg.seed + f,
                     augmenter=augmenter,
                     drop_remainder=not ragged_ok,
+                    n_classes=n_classes,
                 )
             )
         )
         weights.append(class_weights(y_fit, mode))
         with strategy.scope():
-            model = build(None if mode == "balanced" else _log_priors(y_fit))
+            model = build(None if mode == "balanced" else _log_priors(y_fit, n_classes))
             model.compile(
                 optimizer=keras.optimizers.Adam(
-                    _lr_schedule(cfg["learning_rate"], max(1, steps), epochs, train_cfg["warmup_epochs"])
+                    _lr_schedule(cfg.learning_rate, max(1, steps), epochs, train_cfg.warmup_epochs)
                 ),
-                loss=keras.losses.CategoricalCrossentropy(label_smoothing=train_cfg["label_smoothing"]),
+                loss=keras.losses.CategoricalCrossentropy(label_smoothing=train_cfg.label_smoothing),
                 metrics=["accuracy"],
-                jit_compile=train_cfg["jit_compile"],
+                jit_compile=train_cfg.jit_compile,
             )
         models.append(model)
-    selector = EpochSelector(train_cfg["select_on"], train_cfg["min_epochs"], train_cfg["patience"])
+    selector = EpochSelector(train_cfg.select_on, train_cfg.min_epochs, train_cfg.patience)
     best_weights, best_oof, start = None, None, 0
     state = backup.load(models)
     if state is not None:
@@ -227,7 +230,7 @@ def fit_folds(
             state["history"],
         )
     held_all = np.concatenate(folds.held)
-    oof = np.zeros((len(y), len(CLASSES)), dtype=np.float32)
+    oof = np.zeros((len(y), n_classes), dtype=np.float32)
     n_fit = sum(len(d) for d in folds.fit) * (2 if extra_fit is not None else 1)
     epoch = start - 1
     for epoch in range(start, epochs):
@@ -244,7 +247,7 @@ def fit_folds(
             recompute_batchnorm(model, x[folds.fit[f]])
             oof[folds.held[f]] = infer(model, x[folds.held[f]], batch)
         y_held, p_held = y[held_all], oof[held_all]
-        value = score(train_cfg["select_on"], y_held, p_held)
+        value = score(train_cfg.select_on, y_held, p_held)
         improved = selector.update(epoch, value)
         if improved:
             best_weights, best_oof = [_snapshot(m) for m in models], oof.copy()
@@ -254,7 +257,7 @@ def fit_folds(
             epoch + 1,
             epochs,
             np.mean(train_loss),
-            train_cfg["select_on"],
+            train_cfg.select_on,
             value,
             " (best so far)" if improved else "",
         )
@@ -265,8 +268,8 @@ def fit_folds(
             log.info(
                 "early stop after epoch %d: no better out-of-fold %s for %d epochs",
                 epoch + 1,
-                train_cfg["select_on"],
-                train_cfg["patience"],
+                train_cfg.select_on,
+                train_cfg.patience,
             )
             break
     if best_weights is None:  # fewer epochs than min_epochs: keep the last
@@ -278,7 +281,7 @@ def fit_folds(
         "epochs_run": epoch + 1,
         "selected_epoch": selector.best_epoch + 1,
         "folds": n_folds,
-        "select_on": train_cfg["select_on"],
+        "select_on": train_cfg.select_on,
         "history": selector.history,
     }
     return models, best_oof, held_all, info
@@ -310,7 +313,7 @@ def _features(base: keras.Model, x: np.ndarray, batch: int) -> np.ndarray:
 
 def train(
     kind: str,
-    params: dict,
+    params: Params,
     *,
     split_dir: str | Path,
     data_root: str | Path,
@@ -320,26 +323,26 @@ def train(
     """Train `kind` ('cnn' or 'resnet') on split_dir/train.csv + val.csv, cross-validated."""
     if kind not in MODEL_KINDS:
         raise ValueError(f"model kind: {kind!r} is not one of {', '.join(MODEL_KINDS)}")
-    cfg, train_cfg = params[kind], params["train"]
-    size = cfg["image_size"]
+    cfg, train_cfg, classes = params.model(kind), params.train, params.dataset.classes
+    size = cfg.image_size
     configure_devices(train_cfg)
-    seed_everything(train_cfg["seed"])
+    seed_everything(train_cfg.seed)
     # Before TensorFlow initialises its devices: MultiWorkerMirroredStrategy must set up collective ops first.
-    strategy = choose_strategy(train_cfg["strategy"])
+    strategy = choose_strategy(train_cfg.strategy)
     chief = is_chief(strategy)
     log.info("strategy %s", describe_strategy(strategy))
     split_dir = Path(split_dir)
-    val_rows = read_split(split_dir / "val.csv")
-    rows = pd.concat([read_split(split_dir / "train.csv"), val_rows], ignore_index=True)
+    val_rows = read_split(split_dir / "val.csv", classes)
+    rows = pd.concat([read_split(split_dir / "train.csv", classes), val_rows], ignore_index=True)
     if "group" not in rows:
         rows["group"] = np.arange(len(rows))
-    folds = Folds.make(rows, len(val_rows), train_cfg["folds"], train_cfg["seed"])
-    fit = params["image"]["fit"]
+    folds = Folds.make(rows, len(val_rows), train_cfg.folds, train_cfg.seed)
+    fit = params.image.fit
     x = load_images(rows["path"], size, fit=fit, root=data_root, desc="train images")
-    y = label_indices(rows["label"])
+    y = label_indices(rows["label"], classes)
     # image.batch_size is per replica: the global batch grows with the replicas (across all workers),
     # and the learning rate is left as configured (not scaled with the global batch).
-    batch = params["image"]["batch_size"] * strategy.num_replicas_in_sync
+    batch = params.image.batch_size * strategy.num_replicas_in_sync
     log.info(
         "%s: %d train+validation images in %d fold(s) (held out %s), global batch %d",
         kind,
@@ -350,11 +353,11 @@ def train(
     )
 
     live = (
-        Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None, resume=bool(train_cfg["resume"]))
+        Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None, resume=bool(train_cfg.resume))
         if chief
         else None
     )
-    backup = _Backup(backup_dir if train_cfg["resume"] else None)
+    backup = _Backup(backup_dir if train_cfg.resume else None)
     if backup.folder is not None and not chief:  # each worker backs up its own state
         backup.folder = Path(f"{backup_dir}.{strategy.cluster_resolver.task_type}{strategy.cluster_resolver.task_id}")
     try:
@@ -364,9 +367,10 @@ def train(
             def build(bias):
                 return build_cnn(
                     size,
-                    filters=cfg["filters"],
-                    dense_units=cfg["dense_units"],
-                    dropout=cfg["dropout"],
+                    len(classes),
+                    filters=cfg.filters,
+                    dense_units=cfg.dense_units,
+                    dropout=cfg.dropout,
                     output_bias=bias,
                 )
 
@@ -377,8 +381,9 @@ def train(
                 folds,
                 cfg=cfg,
                 train_cfg=train_cfg,
+                n_classes=len(classes),
                 batch=batch,
-                augmenter=build_augmenter(params["augment"], train_cfg["seed"]),
+                augmenter=build_augmenter(params.augment, train_cfg.seed),
                 strategy=strategy,
                 live=live,
                 backup=backup,
@@ -386,17 +391,18 @@ def train(
             with strategy.scope():
                 model = average_models(members, "cnn")
         else:
+            rcfg = params.resnet
             with strategy.scope():
                 base, weights_source = resnet_base(
-                    size, weights=cfg["weights"], weights_path=cfg["weights_path"], required=cfg["weights_required"]
+                    size, weights=rcfg.weights, weights_path=rcfg.weights_path, required=rcfg.weights_required
                 )
             features = _features(base, x, batch)
             # Mirrored copies are the one augmentation that survives caching features.
-            mirrored = (_features(base, x[:, :, ::-1], batch), y) if params["augment"]["horizontal_flip"] else None
+            mirrored = (_features(base, x[:, :, ::-1], batch), y) if params.augment.horizontal_flip else None
 
             def build(bias):
                 return build_head(
-                    features.shape[1], dense_units=cfg["dense_units"], dropout=cfg["dropout"], output_bias=bias
+                    features.shape[1], len(classes), dense_units=cfg.dense_units, dropout=cfg.dropout, output_bias=bias
                 )
 
             heads, oof, held, info = fit_folds(
@@ -406,6 +412,7 @@ def train(
                 folds,
                 cfg=cfg,
                 train_cfg=train_cfg,
+                n_classes=len(classes),
                 batch=batch,
                 augmenter=None,
                 strategy=strategy,
@@ -415,16 +422,16 @@ def train(
             )
             with strategy.scope():
                 model = build_resnet(size, base=base, head=average_models(heads, "heads", input_name="features"))
-            if cfg["fine_tune_layers"] > 0 and cfg["fine_tune_epochs"] > 0:
-                info["epochs_run"] += _fine_tune(model, x, y, folds, cfg, train_cfg, batch, strategy)
+            if rcfg.fine_tune_layers > 0 and rcfg.fine_tune_epochs > 0:
+                info["epochs_run"] += _fine_tune(model, x, y, folds, rcfg, train_cfg, batch, strategy)
     finally:
         if live is not None:
             live.end()
     backup.remove()
 
     oof_metrics = _oof_metrics(y[held], oof[held])
-    shares = prediction_shares(infer(model, x, batch))
-    collapsed = no_skill(shares, train_cfg["no_skill_share"])
+    shares = prediction_shares(infer(model, x, batch), classes)
+    collapsed = no_skill(shares, train_cfg.no_skill_share)
     if collapsed:
         log.error(
             "NO SKILL: the %s model gives %.0f%% of its own training images the class %r; its test "
@@ -437,7 +444,7 @@ def train(
         _write_summary(live, info, oof_metrics, collapsed)
     metadata = {
         "model": kind,
-        "classes": list(CLASSES),
+        "classes": list(classes),
         "image_size": size,
         "image_fit": fit,
         "input": "greyscale uint8 pixels fitted to image_size x image_size (image_fit), fed as float32 in [0, 255]",
@@ -470,32 +477,39 @@ def _write_summary(live: Live, info: dict, oof_metrics: dict, collapsed: str | N
     live.make_summary()
 
 
-def _fine_tune(model: keras.Model, x, y, folds: Folds, cfg: dict, train_cfg: dict, batch: int, strategy) -> int:
+def _fine_tune(
+    model: keras.Model, x, y, folds: Folds, cfg: ResnetParams, train_cfg: TrainParams, batch: int, strategy
+) -> int:
     """Unfreeze the top of the base and train the whole model on the images (one fold only: the
     fold ensemble shares one base). Early stopping on the held-out fold's loss, best weights kept."""
     fit_idx, held_idx = folds.fit[0], folds.held[0]
     with strategy.scope():
-        unfrozen = unfreeze_top(model, cfg["fine_tune_layers"])
+        unfrozen = unfreeze_top(model, cfg.fine_tune_layers)
         model.compile(
-            optimizer=keras.optimizers.Adam(cfg["fine_tune_learning_rate"]),
-            loss=keras.losses.CategoricalCrossentropy(label_smoothing=train_cfg["label_smoothing"]),
+            optimizer=keras.optimizers.Adam(cfg.fine_tune_learning_rate),
+            loss=keras.losses.CategoricalCrossentropy(label_smoothing=train_cfg.label_smoothing),
             metrics=["accuracy"],
-            jit_compile=train_cfg["jit_compile"],
+            jit_compile=train_cfg.jit_compile,
         )
-    log.info("fine-tuning the top %d layers of the base for %d epochs", unfrozen, cfg["fine_tune_epochs"])
-    ragged_ok = strategy.num_replicas_in_sync == 1
+    log.info("fine-tuning the top %d layers of the base for %d epochs", unfrozen, cfg.fine_tune_epochs)
+    ragged_ok, n_classes = strategy.num_replicas_in_sync == 1, model.output_shape[-1]
     train_ds = make_dataset(
-        x[fit_idx], y[fit_idx], batch_size=batch, shuffle_seed=train_cfg["seed"], drop_remainder=not ragged_ok
+        x[fit_idx],
+        y[fit_idx],
+        batch_size=batch,
+        shuffle_seed=train_cfg.seed,
+        drop_remainder=not ragged_ok,
+        n_classes=n_classes,
     )
-    val_ds = make_dataset(x[held_idx], y[held_idx], batch_size=batch, drop_remainder=not ragged_ok)
+    val_ds = make_dataset(x[held_idx], y[held_idx], batch_size=batch, drop_remainder=not ragged_ok, n_classes=n_classes)
     work_around_keras_multi_worker(model, train_ds)
-    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=train_cfg["patience"], restore_best_weights=True)
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=train_cfg.patience, restore_best_weights=True)
     history = model.fit(
         train_ds,
         validation_data=val_ds,
-        epochs=cfg["fine_tune_epochs"],
+        epochs=cfg.fine_tune_epochs,
         shuffle=False,
-        class_weight=class_weights(y[fit_idx], train_cfg["class_weights"]),
+        class_weight=class_weights(y[fit_idx], train_cfg.class_weights),
         callbacks=[stop],
         verbose=0,
     )

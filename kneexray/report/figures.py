@@ -18,7 +18,6 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from kneexray import CLASSES  # noqa: E402
 from kneexray.atomic import atomic_path, write_text  # noqa: E402
 from kneexray.errors import MissingInputError
 
@@ -60,7 +59,7 @@ def training_curves(history: pd.DataFrame, title: str):
     return fig
 
 
-def confusion_heatmap(matrix, title: str):
+def confusion_heatmap(matrix, title: str, classes: list[str]):
     counts = np.asarray(matrix)
     rows = counts.sum(axis=1, keepdims=True)
     share = np.divide(counts, rows, out=np.zeros_like(counts, dtype=float), where=rows > 0)
@@ -74,8 +73,8 @@ def confusion_heatmap(matrix, title: str):
         vmin=0,
         vmax=1,
         cbar_kws={"label": "share of true class"},
-        xticklabels=CLASSES,
-        yticklabels=CLASSES,
+        xticklabels=classes,
+        yticklabels=classes,
         ax=ax,
     )
     ax.set(title=f"{title}: confusion matrix (test)", xlabel="predicted", ylabel="true")
@@ -83,9 +82,9 @@ def confusion_heatmap(matrix, title: str):
     return fig
 
 
-def roc_figure(eval_dir: Path, title: str):
+def roc_figure(eval_dir: Path, title: str, classes: list[str]):
     fig, ax = plt.subplots(figsize=(4.6, 4.4))
-    for cls in CLASSES:
+    for cls in classes:
         curve = pd.read_csv(eval_dir / "roc" / f"{cls}.csv")
         if len(curve):
             ax.plot(curve["fpr"], curve["tpr"], label=cls)
@@ -178,7 +177,7 @@ def _baseline_lines(metrics: dict, models: list[str]) -> list[str]:
 
 
 def summary_markdown(metrics: dict, audit: dict, split: dict, figures: list[str]) -> str:
-    data = metrics["data"]
+    data, classes = metrics["data"], metrics["classes"]
     models = [m for m in MODEL_TITLES if m in metrics]
     lines = [
         "# Results",
@@ -189,9 +188,9 @@ def summary_markdown(metrics: dict, audit: dict, split: dict, figures: list[str]
         "Brackets: 95% bootstrap confidence intervals over test images.",
         "",
         "| model | weights | accuracy | macro-F1 | macro AUC | balanced acc. | "
-        + " | ".join(f"recall {c}" for c in CLASSES)
+        + " | ".join(f"recall {c}" for c in classes)
         + " | ECE |",
-        "|---|---|---|---|---|---|" + "---|" * len(CLASSES) + "---|",
+        "|---|---|---|---|---|---|" + "---|" * len(classes) + "---|",
     ]
     for m in models:
         e = metrics[m]
@@ -199,7 +198,7 @@ def summary_markdown(metrics: dict, audit: dict, split: dict, figures: list[str]
             f"| {MODEL_TITLES[m]} | {e['weights_source']} | {format_with_ci(e, 'accuracy')} | "
             f"{format_with_ci(e, 'macro_f1')} | "
             f"{format_with_ci(e, 'macro_auc')} | {e['balanced_accuracy']:.3f} | "
-            + " | ".join(f"{e['recall'][c]:.3f}" for c in CLASSES)
+            + " | ".join(f"{e['recall'][c]:.3f}" for c in classes)
             + f" | {e['ece']:.3f} |"
         )
     lines += _baseline_lines(metrics, models)
@@ -220,11 +219,11 @@ def summary_markdown(metrics: dict, audit: dict, split: dict, figures: list[str]
         + " Flagged pairs, for a person to check: [data_audit_pairs.png](data_audit_pairs.png); "
         "file lists: `reports/data_audit_details.json`.",
         "",
-        "| split | " + " | ".join(CLASSES) + " |",
-        "|---|" + "---|" * len(CLASSES),
+        "| split | " + " | ".join(classes) + " |",
+        "|---|" + "---|" * len(classes),
     ]
     for name, counts in split["images_per_split"].items():
-        lines.append(f"| {name} | " + " | ".join(str(counts[c]) for c in CLASSES) + " |")
+        lines.append(f"| {name} | " + " | ".join(str(counts[c]) for c in classes) + " |")
     lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
 
@@ -238,7 +237,8 @@ def gradcam_figure(
     from kneexray.model.inputs import label_indices, load_images
 
     model, metadata = load_model(model_path)
-    labels, predicted = label_indices(predictions["actual"]), label_indices(predictions["predicted"])
+    classes = metadata["classes"]
+    labels, predicted = label_indices(predictions["actual"], classes), label_indices(predictions["predicted"], classes)
     chosen = pick_examples(labels, predicted, per_class=per_class)
     images = load_images(
         predictions["path"].iloc[chosen],
@@ -246,7 +246,7 @@ def gradcam_figure(
         fit=metadata.get("image_fit", "squash"),
         root=data_root,
     )
-    fig = gradcam_grid(model, images[..., 0], labels[chosen], predicted[chosen], ncols=2 * per_class)
+    fig = gradcam_grid(model, images[..., 0], labels[chosen], predicted[chosen], classes=classes, ncols=2 * per_class)
     fig.suptitle(f"{title}: Grad-CAM on test images (green: right, red: wrong)")
     return fig
 
@@ -274,8 +274,8 @@ def make_figures(
         details = json.loads((model_eval / "details.json").read_text())
         figures = {
             f"{model}_curves.png": training_curves(read_history(live_dir), title),
-            f"{model}_confusion.png": confusion_heatmap(details["confusion_matrix"], title),
-            f"{model}_roc.png": roc_figure(model_eval, title),
+            f"{model}_confusion.png": confusion_heatmap(details["confusion_matrix"], title, metrics["classes"]),
+            f"{model}_roc.png": roc_figure(model_eval, title, metrics["classes"]),
             f"{model}_reliability.png": reliability_figure(model_eval, title, details["ece"]),
         }
         if models and model in models:
