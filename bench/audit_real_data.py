@@ -73,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         curated = curate(
-            {c: Path(args.data) / c for c in DEFAULT_CLASSES},
+            {"mendeley": {c: Path(args.data) / c for c in DEFAULT_CLASSES}},
             scratch,
             max_pixels=200_000_000,
             min_side=64,

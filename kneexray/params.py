@@ -115,6 +115,52 @@ def _class_fractions(key: str, value: Any) -> Mapping[str, float]:
     return MappingProxyType(dict(value))
 
 
+@dataclass(frozen=True)
+class SourceParams:
+    """One dataset of several (dataset.sources): where it comes from, and its name in reports."""
+
+    name: str
+    source: str
+    url: str = ""
+    path: str = ""
+    sha256: str = ""
+    seed: int | None = None  # phantom only: another seed makes another phantom
+
+
+_SOURCE_KEYS = {f.name for f in fields(SourceParams)}
+
+
+def _sources(key: str, value: Any) -> tuple[SourceParams, ...]:
+    """dataset.sources: a list of {name, source, url | path, sha256, seed}; empty: the single source."""
+    if not isinstance(value, list):
+        raise ParamsError(f"{key}: expected a list of sources (or []), got {value!r}")
+    out = []
+    for i, item in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(item, dict):
+            raise ParamsError(f"{where}: expected a mapping with name and source, got {item!r}")
+        for k in item:
+            if k not in _SOURCE_KEYS:
+                raise ParamsError(f"{where}.{k}: unknown key; allowed: {', '.join(sorted(_SOURCE_KEYS))}")
+        for k in ("name", "source"):
+            if k not in item:
+                raise ParamsError(f"{where}.{k}: missing")
+        if not isinstance(item["name"], str) or not _CLASS_NAME.fullmatch(item["name"]):
+            raise ParamsError(f"{where}.name: {item['name']!r} is not a name (letters, digits, _ . -)")
+        _choice("phantom", "url", "path")(f"{where}.source", item["source"])
+        for k in ("url", "path", "sha256"):
+            _STR(f"{where}.{k}", item.get(k, ""))
+        if item.get("seed") is not None:
+            _num(0, integer=True)(f"{where}.seed", item["seed"])
+        if item["source"] != "phantom" and not item.get(item["source"]):
+            raise ParamsError(f"{where}.{item['source']}: required when its source is {item['source']!r}")
+        out.append(SourceParams(**item))
+    names = [s.name for s in out]
+    if len(set(names)) != len(names):
+        raise ParamsError(f"{key}: source names must be distinct, got {names}")
+    return tuple(out)
+
+
 def _rule(check: Check) -> Any:
     """A required field validated by `check` (which may also convert: lists become tuples)."""
     return field(metadata={"check": check})
@@ -136,6 +182,7 @@ _DROPOUT = _num(0, 1, hi_open=True)
 class DatasetParams:
     source: str = _rule(_choice("phantom", "url", "path"))
     classes: tuple[str, ...] = _rule(_class_names)
+    sources: tuple[SourceParams, ...] = _rule(_sources)  # several datasets in one run; [] = the one above
     url: str = _rule(_STR)
     path: str = _rule(_STR)
     sha256: str = _rule(_STR)
@@ -173,6 +220,7 @@ class SplitParams:
     val_ratio: float = _rule(_SPLIT_RATIO)
     seed: int = _rule(_num(0, integer=True))
     group_near_duplicates: bool = _rule(_BOOL)
+    test_source: str = _rule(_STR)  # a source of dataset.sources held out whole as the test set; "" = none
 
 
 @dataclass(frozen=True)
@@ -299,6 +347,12 @@ def validate(raw: Any) -> Params:
         raise ParamsError("dataset.path: required when dataset.source is 'path' (a ZIP or a class folder)")
     if dataset.sha256 and not re.fullmatch(r"[0-9a-fA-F]{64}", dataset.sha256):
         raise ParamsError("dataset.sha256: expected 64 hexadecimal digits or an empty string")
+    names = [s.name for s in dataset.sources]
+    if params.split.test_source and params.split.test_source not in names:
+        listed = ", ".join(names) or "none"
+        raise ParamsError(f"split.test_source: {params.split.test_source!r} is not one of dataset.sources ({listed})")
+    if params.split.test_source and len(names) < 2:
+        raise ParamsError("split.test_source: holding one source out needs at least two in dataset.sources")
     fractions = params.phantom.class_fractions
     if list(fractions) != list(dataset.classes):
         raise ParamsError(
@@ -330,6 +384,13 @@ def load(path: str | Path = "params.yaml") -> Params:
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found") from None
     return validate(as_plain(raw))
+
+
+def dataset_sources(cfg: DatasetParams) -> tuple[SourceParams, ...]:
+    """The sources of a run: dataset.sources, or the single one that dataset.source names."""
+    if cfg.sources:
+        return cfg.sources
+    return (SourceParams(name=cfg.source, source=cfg.source, url=cfg.url, path=cfg.path, sha256=cfg.sha256),)
 
 
 def as_plain(value: Any) -> Any:

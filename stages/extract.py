@@ -5,14 +5,23 @@ import kneexray.portable  # noqa: F401, I001  first, before numpy: the same byte
 import argparse
 
 from kneexray import stage
-from kneexray.params import Params
+from kneexray.params import Params, dataset_sources
 from kneexray.data.extraction import extract_dataset
 
 
 def main(args: argparse.Namespace, params: Params) -> None:
     audit = extract_dataset(
-        args.archive, args.out, args.audit, args.audit_details, params.extract, params.dataset.classes, args.audit_pairs
+        args.archive,
+        args.out,
+        args.audit,
+        args.audit_details,
+        params.extract,
+        params.dataset.classes,
+        args.audit_pairs,
+        origins=[spec.name for spec in dataset_sources(params.dataset)],
     )
+    if "copies_across_sources" in audit:
+        stage.log.info("copies shared between sources: %s", audit["copies_across_sources"])
     stage.log.info(
         "kept %d images %s; %d unreadable, %d exact copies removed, %d label conflicts",
         audit["images_kept"],

@@ -27,7 +27,11 @@ def main(args: argparse.Namespace, params: Params) -> None:
         for name, part in splits.items():
             part[["path", "label", "group"]].to_csv(tmp / f"{name}.csv", index=False)
     counts = split_counts(splits, classes)
-    write_json(args.report, {"images_per_split": counts, "leakage_pairs": 0, "seed": cfg.seed})
+    report = {"images_per_split": counts, "leakage_pairs": 0, "seed": cfg.seed}
+    if cfg.test_source:  # leave-one-source-out: the other sources' copies of test images sit in no split
+        report["test_source"] = cfg.test_source
+        report["copies_of_test_images_left_out"] = len(index) - sum(len(part) for part in splits.values())
+    write_json(args.report, report)
     stage.log.info("split: %s", counts)
 
 

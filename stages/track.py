@@ -10,7 +10,8 @@ def main(args: argparse.Namespace, params: Params) -> None:
     from kneexray.data.tracking import write_hashes
 
     for name, record in write_hashes(params, args.out).items():
-        stage.log.info("%s: %s", name, f"{record['path']} sha256 {record['sha256'][:12]}" if record else "not used")
+        for each in record.get("inputs", [record] if record else []):
+            stage.log.info("%s: %s sha256 %s", name, each["path"], each["sha256"][:12])
 
 
 if __name__ == "__main__":

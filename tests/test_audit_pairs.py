@@ -29,7 +29,7 @@ def test_pairs_are_drawn_side_by_side(tmp_path):
     image.save(dirs["normal"] / "a.jpg")
     image.save(dirs["osteopenia"] / "b.jpg")
     out = tmp_path / "pairs.png"
-    assert draw_pairs([("normal/a.jpg", "osteopenia/b.jpg", "label conflict")], dirs, out) == 1
+    assert draw_pairs([("normal/a.jpg", "osteopenia/b.jpg", "label conflict")], {"dataset": dirs}, out) == 1
     assert Image.open(out).size[0] > Image.open(out).size[1] / 2  # one row of two images
-    draw_pairs([], dirs, tmp_path / "none.png")  # nothing flagged: still a picture that says so
+    draw_pairs([], {"dataset": dirs}, tmp_path / "none.png")  # nothing flagged: still a picture that says so
     assert (tmp_path / "none.png").stat().st_size > 0

@@ -162,7 +162,12 @@ def raw(tmp_path: Path) -> dict[str, Path]:
 
 def run_curate(raw: dict[str, Path], out: Path, keep_conflicts: bool = False):
     return curate(
-        raw, out, max_pixels=10**7, min_side=32, near_duplicate_distance=THRESHOLD, keep_conflicts=keep_conflicts
+        {"dataset": raw},
+        out,
+        max_pixels=10**7,
+        min_side=32,
+        near_duplicate_distance=THRESHOLD,
+        keep_conflicts=keep_conflicts,
     )
 
 

@@ -23,7 +23,12 @@ def test_dicoms_are_curated_stored_as_png_and_read_like_predict_reads_them(tmp_p
         write_dicom(folder / "EXPORT0001", np.flipud(pixels).astype(np.uint16) * 4)  # no suffix: found by content
         Image.fromarray(full_range_image(seed=20 + i, side=96)).save(folder / "plain.png")
     curated = curate(
-        classes, tmp_path / "out", max_pixels=10**7, min_side=32, near_duplicate_distance=0.006, keep_conflicts=False
+        {"dataset": classes},
+        tmp_path / "out",
+        max_pixels=10**7,
+        min_side=32,
+        near_duplicate_distance=0.006,
+        keep_conflicts=False,
     )
     index = curated.index
     assert curated.audit["unreadable"] == 0 and len(index) == 9

@@ -517,6 +517,7 @@ def url_params(url: str, **dataset) -> DatasetParams:
         **{
             "source": "url",
             "classes": DEFAULT_CLASSES,
+            "sources": (),
             "url": url,
             "path": "",
             "sha256": "",

@@ -33,7 +33,7 @@ def pipeline_outputs(tmp_path, tiny):
     """What extract, split and train leave behind, in miniature."""
     data = tmp_path / "data" / "extracted"
     curated = curate(
-        _class_folders(tmp_path / "raw", 1, 6),
+        {"dataset": _class_folders(tmp_path / "raw", 1, 6)},
         data / IMAGES_DIR,
         max_pixels=10**8,
         min_side=32,

@@ -75,7 +75,9 @@ def class_dirs(root: Path) -> dict[str, Path]:
 
 
 def run_curate(dirs: dict[str, Path], out: Path, max_pixels: int = 10**7):
-    return curate(dirs, out, max_pixels=max_pixels, min_side=32, near_duplicate_distance=0.006, keep_conflicts=False)
+    return curate(
+        {"dataset": dirs}, out, max_pixels=max_pixels, min_side=32, near_duplicate_distance=0.006, keep_conflicts=False
+    )
 
 
 def reasons(result) -> dict[str, str]:

@@ -34,10 +34,10 @@ def test_content_hash_follows_bytes_and_names(tmp_path):
 
 
 def test_only_the_inputs_in_use_are_tracked(tiny):
-    assert used_inputs(validate(tiny)) == {"dataset": "", "external": "", "resnet_weights": ""}
+    assert used_inputs(validate(tiny)) == {"dataset": [], "external": [], "resnet_weights": []}
     tiny["dataset"].update(source="path", path="/data/knees.zip")
     tiny["resnet"].update(weights="file", weights_path="/w.h5")
-    assert used_inputs(validate(tiny)) == {"dataset": "/data/knees.zip", "external": "", "resnet_weights": "/w.h5"}
+    assert used_inputs(validate(tiny)) == {"dataset": ["/data/knees.zip"], "external": [], "resnet_weights": ["/w.h5"]}
 
 
 def _dataset_zip(path: Path, seed: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import matplotlib
@@ -15,8 +16,19 @@ from kneexray.data.images import open_image, to_grey  # noqa: E402
 MAX_ROWS = 12
 
 
+def _parts(source: str, several: bool) -> tuple[str, str, str]:
+    """(origin, label, path in the class folder) of an audit entry: "label/rest", or with several
+    sources "origin/label/rest"."""
+    if several:
+        origin, label, rest = source.split("/", 2)
+        return origin, label, rest
+    label, rest = source.split("/", 1)
+    return "", label, rest
+
+
 def flagged_pairs(audit: dict) -> list[tuple[str, str, str]]:
     """(source a, source b, why) for label conflicts first, then near-duplicates, then exact copies."""
+    several = "images_per_source" in audit
     pairs = []
     for group in audit["label_conflict_groups"]:
         members = [m.rsplit(" (", 1)[0] for m in group["members"]]
@@ -24,7 +36,8 @@ def flagged_pairs(audit: dict) -> list[tuple[str, str, str]]:
     for members in audit["near_duplicates"]:
         pairs.append((members[0], members[1], "near-duplicate"))
     for members in audit["exact_copies"]:
-        why = "exact copy" if members[0].split("/")[0] == members[1].split("/")[0] else "exact copy, two labels"
+        same_label = _parts(members[0], several)[1] == _parts(members[1], several)[1]
+        why = "exact copy" if same_label else "exact copy, two labels"
         pairs.append((members[0], members[1], why))
     unique, seen = [], set()
     for a, b, why in pairs:
@@ -34,8 +47,10 @@ def flagged_pairs(audit: dict) -> list[tuple[str, str, str]]:
     return unique
 
 
-def draw_pairs(pairs: list[tuple[str, str, str]], class_dirs: dict[str, Path], path: str | Path) -> int:
-    """Write a PNG with up to MAX_ROWS pairs side by side; returns how many were drawn."""
+def draw_pairs(pairs: list[tuple[str, str, str]], sources: Mapping[str, Mapping[str, Path]], path: str | Path) -> int:
+    """Write a PNG with up to MAX_ROWS pairs side by side; returns how many were drawn. `sources`:
+    the class folders of each source, as `curate` takes them."""
+    several = len(sources) > 1
     shown = pairs[:MAX_ROWS]
     rows = max(1, len(shown))
     fig = Figure(figsize=(6, 2.8 * rows), layout="constrained")
@@ -44,7 +59,8 @@ def draw_pairs(pairs: list[tuple[str, str, str]], class_dirs: dict[str, Path], p
         ax.axis("off")
     for (a, b, why), (left, right) in zip(shown, axes):
         for ax, source in ((left, a), (right, b)):
-            label, rest = source.split("/", 1)
+            origin, label, rest = _parts(source, several)
+            class_dirs = sources[origin] if several else next(iter(sources.values()))
             img = to_grey(open_image(class_dirs[label] / rest))
             img.thumbnail((400, 400))
             ax.imshow(img, cmap="gray")

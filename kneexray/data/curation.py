@@ -12,8 +12,11 @@ import logging
 import os
 import shutil
 import sys
+from collections import Counter
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +31,7 @@ from kneexray.data.images import ImageError, ImageInfo, inspect, read_capped
 
 log = logging.getLogger(__name__)
 
-INDEX_COLUMNS = ["path", "label", "source", "sha256", "width", "height", "mode", "group"]
+INDEX_COLUMNS = ["path", "label", "origin", "source", "sha256", "width", "height", "mode", "group"]
 
 
 @dataclass
@@ -91,8 +94,19 @@ def _flat_name(rel: str) -> str:
     return f"{head}-{digest}{suffix}"
 
 
+def _shared_between_sources(frame: pd.DataFrame, prints: np.ndarray, threshold: float) -> list[list[tuple[str, str]]]:
+    """Groups of exact or near copies that span several sources, as (origin, source path) lists;
+    all usable images count, before exact copies are dropped."""
+    groups = group_near_duplicates(prints, threshold)
+    shared = []
+    for _, members in frame.assign(g=groups).groupby("g", sort=True):
+        if members["origin"].nunique() > 1:
+            shared.append(list(zip(members["origin"], members["source"])))
+    return shared
+
+
 def curate(
-    class_dirs: dict[str, Path],
+    sources: Mapping[str, Mapping[str, Path]],
     out_dir: str | Path,
     *,
     max_pixels: int,
@@ -100,24 +114,37 @@ def curate(
     near_duplicate_distance: float,
     keep_conflicts: bool,
 ) -> Curated:
-    """Copy usable, de-duplicated images to out_dir/<class>/ and describe them."""
-    out_dir = Path(out_dir)
-    rows, prints, skipped = [], [], []
-    files = [(label, path, folder) for label, folder in class_dirs.items() for path in _walk(folder)]
+    """Copy usable, de-duplicated images to out_dir/<class>/ and describe them.
 
-    def examine(item: tuple[str, Path, Path]) -> tuple[ImageInfo, np.ndarray] | ImageError:
+    `sources` maps each source's name to its class folders ({class: folder}). With several, copies
+    are found across sources too (a copy under two labels is a conflict wherever it sits), each
+    image records its source (`origin`) and the audit counts the copies each pair of sources shares.
+    """
+    out_dir = Path(out_dir)
+    several = len(sources) > 1
+    rows, prints, skipped = [], [], []
+    files = [
+        (origin, label, path, folder)
+        for origin, class_dirs in sources.items()
+        for label, folder in class_dirs.items()
+        for path in _walk(folder)
+    ]
+
+    def examine(item: tuple[str, str, Path, Path]) -> tuple[ImageInfo, np.ndarray] | ImageError:
         try:
-            return _examine(item[1], max_pixels, min_side)
+            return _examine(item[2], max_pixels, min_side)
         except ImageError as err:
             return err
 
     # Decoding dominates and PIL and NumPy release the GIL: threads, results in file order.
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         examined = list(
-            tqdm(pool.map(examine, files), total=len(files), desc="decode", disable=not sys.stderr.isatty(), leave=False)
+            tqdm(
+                pool.map(examine, files), total=len(files), desc="decode", disable=not sys.stderr.isatty(), leave=False
+            )
         )
-    for (label, path, folder), result in zip(files, examined):
-        source = f"{label}/{path.relative_to(folder).as_posix()}"
+    for (origin, label, path, folder), result in zip(files, examined):
+        source = (f"{origin}/" if several else "") + f"{label}/{path.relative_to(folder).as_posix()}"
         if isinstance(result, ImageError):
             skipped.append({"source": source, "reason": str(result)})
             continue
@@ -125,6 +152,7 @@ def curate(
         rows.append(
             {
                 "label": label,
+                "origin": origin,
                 "source": source,
                 "file": path,
                 "sha256": info.sha256,
@@ -140,8 +168,9 @@ def curate(
             len(skipped),
             "; ".join(f"{s['source']} ({s['reason']})" for s in skipped[:10]),
         )
-    frame = pd.DataFrame(rows, columns=["label", "source", "file", "sha256", "width", "height", "mode"])
+    frame = pd.DataFrame(rows, columns=["label", "origin", "source", "file", "sha256", "width", "height", "mode"])
     prints_arr = np.stack(prints) if prints else np.zeros((0, 1, 1), np.float32)
+    shared = _shared_between_sources(frame, prints_arr, near_duplicate_distance) if several and len(frame) else []
 
     # exact copies: keep the first of each (label, sha256); the same bytes under two labels is a conflict
     exact_copies = []
@@ -180,7 +209,8 @@ def curate(
     # Copy the kept originals; names are made unique per class since nested folders are flattened.
     paths, used = [], set()
     for file, label, source, mode in zip(frame["file"], frame["label"], frame["source"], frame["mode"]):
-        name = flat = _flat_name(source.split("/", 1)[1]) + (".png" if mode == "DICOM" else "")
+        origin, _, rel = source.split("/", 2) if several else ("", "", source.split("/", 1)[1])
+        name = flat = (f"{origin}__" if several else "") + _flat_name(rel) + (".png" if mode == "DICOM" else "")
         taken = 1
         while f"{label}/{name}" in used:  # "a/b.jpg" and a file named "a__b.jpg" would collide
             taken += 1
@@ -211,6 +241,14 @@ def curate(
         "label_conflict_groups": conflicts,
         "label_conflicts_kept": keep_conflicts,
         "images_kept": int(len(index)),
-        "images_per_class": {c: int(counts.get(c, 0)) for c in class_dirs},
+        "images_per_class": {c: int(counts.get(c, 0)) for c in next(iter(sources.values()))},
     }
+    if several:
+        per_source = index["origin"].value_counts()
+        audit["images_per_source"] = {o: int(per_source.get(o, 0)) for o in sources}
+        pairs = Counter(pair for group in shared for pair in combinations(sorted({o for o, _ in group}), 2))
+        audit["copies_across_sources"] = {
+            f"{a} & {b}": pairs.get((a, b), 0) for a, b in combinations(sorted(sources), 2)
+        }
+        audit["copies_across_sources_groups"] = [[s for _, s in group] for group in shared]
     return Curated(index=index, fingerprints=prints_arr, audit=audit)

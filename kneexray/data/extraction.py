@@ -6,7 +6,9 @@ import contextlib
 import logging
 import os
 import shutil
+import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from kneexray.data.audit_pairs import draw_pairs, flagged_pairs
 from kneexray.data.curation import curate
 from kneexray.errors import InputError
 from kneexray.params import ExtractParams
-from kneexray.layout import CLINICAL_FILE, FINGERPRINTS_FILE, IMAGES_DIR, INDEX_FILE
+from kneexray.layout import CLINICAL_FILE, FINGERPRINTS_FILE, IMAGES_DIR, INDEX_FILE, SOURCES_DIR
 from kneexray.data.patients import audit_patient_table, clinical_table, merge_patient_groups
 
 try:
@@ -80,9 +82,22 @@ def audit_counts(audit: dict) -> dict:
     """The numbers of the audit, without the lists of files."""
     counts = {k: v for k, v in audit.items() if not isinstance(v, (list, dict))}
     counts["images_per_class"] = audit["images_per_class"]
+    for key in ("images_per_source", "copies_across_sources"):  # with several sources
+        if key in audit:
+            counts[key] = audit[key]
     table = audit["patient_table"]
     counts["patient_table"] = {k: v for k, v in table.items() if isinstance(v, (int, float, bool))}
     return counts
+
+
+def _class_dirs(root: Path, classes: Sequence[str]) -> dict[str, Path]:
+    class_dirs = find_class_dirs(root, classes)
+    log.info("class folders: %s", {c: str(p.relative_to(root)) for c, p in class_dirs.items()})
+    parent = next(iter(class_dirs.values())).parent
+    others = sorted(d.name for d in parent.iterdir() if d.is_dir() and d not in class_dirs.values())
+    if others:  # a class left out of dataset.classes, or stray folders: say so, don't guess
+        log.warning("folders beside the class folders, not in dataset.classes, are ignored: %s", ", ".join(others))
+    return class_dirs
 
 
 def extract_dataset(
@@ -93,11 +108,14 @@ def extract_dataset(
     cfg: ExtractParams,
     classes: Sequence[str],
     pairs_path: str | Path | None = None,
+    *,
+    origins: Sequence[str] = ("dataset",),
 ) -> dict:
     """Unpack `archive` into a scratch folder beside `out_dir`, then write out_dir atomically:
     images/<class>/*, index.csv and fingerprints.npy. The audit's counts go to `audit_path`
     (small, diffable), its lists of files to `details_path`, and a picture of the flagged pairs
-    to `pairs_path`."""
+    to `pairs_path`. `origins` names the sources: one, whose dataset `archive` is, or several,
+    whose datasets the fetch stage packed into `archive` as sources/<name>.zip."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     limits = ExtractLimits(
@@ -105,16 +123,24 @@ def extract_dataset(
     )
     with _scratch(out_dir.parent) as scratch:
         unpacked = scratch / "unpacked"
-        extract_nested(archive, unpacked, limits)
-        class_dirs = find_class_dirs(unpacked, classes)
-        log.info("class folders: %s", {c: str(p.relative_to(unpacked)) for c, p in class_dirs.items()})
-        parent = next(iter(class_dirs.values())).parent
-        others = sorted(d.name for d in parent.iterdir() if d.is_dir() and d not in class_dirs.values())
-        if others:  # a class left out of dataset.classes, or stray folders: say so, don't guess
-            log.warning("folders beside the class folders, not in dataset.classes, are ignored: %s", ", ".join(others))
+        sources = {}
+        if len(origins) == 1:
+            extract_nested(archive, unpacked, limits)
+            sources[origins[0]] = _class_dirs(unpacked, classes)
+        else:
+            with zipfile.ZipFile(archive) as outer:
+                for name in origins:
+                    member = f"{SOURCES_DIR}/{name}.zip"
+                    if member not in outer.namelist():
+                        raise InputError(f"{archive}: no {member}: run the fetch stage for dataset.sources")
+                    with outer.open(member) as src, open(scratch / f"{name}.zip", "wb") as dst:
+                        shutil.copyfileobj(src, dst, 2**20)
+                    extract_nested(scratch / f"{name}.zip", unpacked / name, limits)
+                    (scratch / f"{name}.zip").unlink()
+                    sources[name] = _class_dirs(unpacked / name, classes)
         with atomic_path(out_dir) as tmp:
             curated = curate(
-                class_dirs,
+                sources,
                 tmp / IMAGES_DIR,
                 max_pixels=cfg.max_pixels,
                 min_side=cfg.min_side,
@@ -123,7 +149,9 @@ def extract_dataset(
             )
             if curated.index.empty:
                 raise InputError(f"{archive}: no usable images in the class folders")
-            audit = {**curated.audit, "patient_table": audit_patient_table(unpacked, curated.index)}
+            # patient ids are file names, which mean nothing across sources: one source only
+            table = audit_patient_table(unpacked, curated.index) if len(sources) == 1 else {"found": False}
+            audit = {**curated.audit, "patient_table": table}
             if audit["patient_table"].get("found"):
                 curated.index["group"] = merge_patient_groups(curated.index)
             curated.index["path"] = IMAGES_DIR + "/" + curated.index["path"]  # relative to out_dir
@@ -135,5 +163,5 @@ def extract_dataset(
             write_json(details_path, audit)
             write_json(audit_path, audit_counts(audit))
             if pairs_path is not None:
-                draw_pairs(flagged_pairs(audit), class_dirs, pairs_path)
+                draw_pairs(flagged_pairs(audit), sources, pairs_path)
     return audit

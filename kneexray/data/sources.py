@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from kneexray.data.archive import walk_tree
 from kneexray.atomic import atomic_path, stable_zip_entry
 from kneexray.data.download import download, sha256_file
 from kneexray.errors import InputError, MissingInputError
-from kneexray.params import DatasetParams, PhantomParams
+from kneexray.layout import SOURCES_DIR
+from kneexray.params import DatasetParams, PhantomParams, SourceParams, dataset_sources
 from kneexray.data.phantom import write_phantom_archive
 
 log = logging.getLogger(__name__)
@@ -48,27 +50,25 @@ def _copy_zip(source: Path, out_zip: Path, sha256: str) -> None:
         shutil.copyfile(source, tmp)
 
 
-def fetch(cfg: DatasetParams, phantom: PhantomParams, out_zip: str | Path) -> dict:
-    """Produce the raw dataset ZIP at `out_zip` from the source `cfg` names (`phantom`: its settings)."""
-    out_zip = Path(out_zip)
-    source = cfg.source
-    if source == "phantom":
+def _fetch_one(spec: SourceParams, cfg: DatasetParams, phantom: PhantomParams, out_zip: Path) -> None:
+    """One source's dataset as a ZIP at `out_zip`; download settings from `cfg`."""
+    if spec.source == "phantom":
         counts = write_phantom_archive(
             out_zip,
             n_images=phantom.n_images,
             class_fractions=phantom.class_fractions,
             size=phantom.size,
             difficulty=phantom.difficulty,
-            seed=phantom.seed,
+            seed=phantom.seed if spec.seed is None else spec.seed,
             progress=True,
         )
         log.info("phantom: %s", counts)
-    elif source == "url":
+    elif spec.source == "url":
         # require_zip: an HTML error page must fail here, not be cached by DVC as the dataset
         download(
-            cfg.url,
+            spec.url,
             out_zip,
-            sha256=cfg.sha256 or None,
+            sha256=spec.sha256 or None,
             max_bytes=cfg.max_download_mb * 2**20,
             timeout=cfg.timeout_s,
             retries=cfg.retries,
@@ -77,11 +77,36 @@ def fetch(cfg: DatasetParams, phantom: PhantomParams, out_zip: str | Path) -> di
             require_zip=True,
         )
     else:
-        path = Path(cfg.path).expanduser()
+        path = Path(spec.path).expanduser()
         if path.is_dir():
             _pack_folder(path, out_zip)
         elif path.is_file():
-            _copy_zip(path, out_zip, cfg.sha256)
+            _copy_zip(path, out_zip, spec.sha256)
         else:
             raise MissingInputError(f"dataset.path: {path} does not exist (a ZIP or a folder laid out by class)")
+
+
+def fetch(cfg: DatasetParams, phantom: PhantomParams, out_zip: str | Path) -> dict:
+    """Produce the raw dataset ZIP at `out_zip` from the source(s) `cfg` names (`phantom`: its
+    settings). With several dataset.sources, each source's ZIP goes into it as sources/<name>.zip."""
+    out_zip = Path(out_zip)
+    specs = dataset_sources(cfg)
+    if not cfg.sources:
+        _fetch_one(specs[0], cfg, phantom, out_zip)
+    else:
+        out_zip.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".fetch-", dir=out_zip.parent) as scratch:
+            parts = []
+            for spec in specs:
+                log.info("source %s: %s", spec.name, spec.source)
+                parts.append((spec.name, Path(scratch) / f"{spec.name}.zip"))
+                _fetch_one(spec, cfg, phantom, parts[-1][1])
+            with atomic_path(out_zip, kind="file") as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
+                for name, part in parts:
+                    entry = stable_zip_entry(f"{SOURCES_DIR}/{name}.zip", zipfile.ZIP_STORED)
+                    with open(part, "rb") as src:
+                        entry.file_size = os.fstat(src.fileno()).st_size  # as writestr sets it: ZIP64 only when needed
+                        with archive.open(entry, "w") as dst:
+                            shutil.copyfileobj(src, dst, 2**20)
+    source = "+".join(spec.name for spec in specs) if cfg.sources else cfg.source
     return {"source": source, "bytes": out_zip.stat().st_size, "sha256": sha256_file(out_zip)}

@@ -43,13 +43,24 @@ def split_index(
     val_ratio: float,
     seed: int,
     group_near_duplicates: bool = True,
+    test_source: str = "",
 ) -> dict[str, pd.DataFrame]:
     """Test first, then validation from what remains, as in the original notebook (20%, then 10%);
-    every one of `classes` must have enough images for both."""
+    every one of `classes` must have enough images for both.
+
+    With `test_source`, the test set is every image of that source instead (leave-one-source-out),
+    and the other sources' copies of its images are left out of training and validation."""
     frame = index.copy()
     if not group_near_duplicates:  # every image its own group: copies may then leak across splits
         frame["group"] = np.arange(len(frame))
-    rest, test = _hold_out(frame, classes, test_ratio, seed, "test split")
+    if test_source:
+        held = frame["origin"] == test_source if "origin" in frame else np.zeros(len(frame), dtype=bool)
+        if not held.any():
+            raise SplitError(f"split.test_source: no images of source {test_source!r} in the index")
+        test = frame[held]
+        rest = frame[~held & ~frame["group"].isin(test["group"])]
+    else:
+        rest, test = _hold_out(frame, classes, test_ratio, seed, "test split")
     train, val = _hold_out(rest, classes, val_ratio, seed + 1, "validation split")
     return {name: part.sort_values("path").reset_index(drop=True) for name, part in zip(SPLITS, (train, val, test))}
 

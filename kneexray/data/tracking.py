@@ -15,7 +15,7 @@ from pathlib import Path
 from kneexray.data.archive import walk_tree
 from kneexray.atomic import write_json
 from kneexray.errors import MissingInputError
-from kneexray.params import Params
+from kneexray.params import Params, dataset_sources
 
 CHUNK = 2**20
 
@@ -39,23 +39,26 @@ def content_hash(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def used_inputs(params: Params) -> dict[str, str]:
-    """The outside inputs this configuration reads, from several sections: name -> path ('' when not used)."""
-    dataset, resnet = params.dataset, params.resnet
+def used_inputs(params: Params) -> dict[str, list[str]]:
+    """The outside inputs this configuration reads, from several sections: name -> paths (none when
+    not used; a path per local source of dataset.sources)."""
+    resnet, external = params.resnet, params.evaluate.external_path
     return {
-        "dataset": dataset.path if dataset.source == "path" else "",
-        "external": params.evaluate.external_path,
-        "resnet_weights": resnet.weights_path if resnet.weights == "file" else "",
+        "dataset": [spec.path for spec in dataset_sources(params.dataset) if spec.source == "path"],
+        "external": [external] if external else [],
+        "resnet_weights": [resnet.weights_path] if resnet.weights == "file" else [],
     }
 
 
 def write_hashes(params: Params, out_dir: str | Path) -> dict[str, dict]:
-    """out_dir/<name>.json for each input: its path and content hash, or {} when it is not used."""
+    """out_dir/<name>.json for each input: its path and content hash ({"inputs": [...]} for
+    several), or {} when it is not used."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
-    for name, path in used_inputs(params).items():
-        record = {"path": path, "sha256": content_hash(path)} if path else {}
+    for name, paths in used_inputs(params).items():
+        records = [{"path": path, "sha256": content_hash(path)} for path in paths]
+        record = records[0] if len(records) == 1 else {"inputs": records} if records else {}
         write_json(out_dir / f"{name}.json", record)
         written[name] = record
     return written

@@ -15,7 +15,7 @@ import pandas as pd
 from kneexray.atomic import atomic_path, write_json, write_text
 from kneexray.errors import InputError, MissingInputError
 from kneexray.evaluate import baselines
-from kneexray.evaluate.metrics import chance_summary, evaluate_predictions, paired_difference
+from kneexray.evaluate.metrics import MetricsError, chance_summary, evaluate_predictions, paired_difference
 from kneexray.layout import CLINICAL_FILE, FINGERPRINTS_FILE, INDEX_FILE
 from kneexray.model.inputs import label_indices, load_images, make_dataset, read_split
 from kneexray.params import EvaluateParams, ExtractParams, Params
@@ -107,6 +107,7 @@ def write_model_reports(
     predictions = pd.DataFrame(
         {
             "path": rows["path"],
+            **({"origin": rows["origin"]} if "origin" in rows else {}),
             "actual": [classes[i] for i in y_true],
             "predicted": [classes[i] for i in proba.argmax(axis=1)],
             **{f"p_{c}": np.round(proba[:, i], 6) for i, c in enumerate(classes)},
@@ -150,7 +151,7 @@ def prepare_external(
     elif not source.is_dir():
         raise MissingInputError(f"evaluate.external_path: {path} does not exist (a ZIP or a folder laid out by class)")
     curated = curate(
-        find_class_dirs(source, classes),
+        {"external": find_class_dirs(source, classes)},
         scratch / "images",
         max_pixels=extract_cfg.max_pixels,
         min_side=extract_cfg.min_side,
@@ -190,8 +191,36 @@ def _evaluate_set(model, metadata, rows: pd.DataFrame, root: Path, params: Param
         y_true, proba, classes, resamples=cfg.bootstrap_resamples, seed=cfg.seed, bins=cfg.calibration_bins
     )
     write_model_reports(out_dir, rows, y_true, proba, result, classes)
-    result["predicted"] = proba.argmax(axis=1)
+    result["predicted"], result["predicted_proba"] = proba.argmax(axis=1), proba
     return result
+
+
+def _with_origin(rows: pd.DataFrame, data_root: Path) -> pd.DataFrame:
+    """The test rows with each image's source (`origin`) when the data holds several sources."""
+    index = pd.read_csv(data_root / INDEX_FILE, usecols=lambda c: c in ("path", "origin"))
+    if "origin" not in index or index["origin"].nunique() < 2:
+        return rows
+    return rows.assign(origin=rows["path"].map(index.set_index("path")["origin"]))
+
+
+def _per_source(rows: pd.DataFrame, proba: np.ndarray, params: Params) -> dict[str, dict]:
+    """Headline metrics on each source's test images: a model that works on one hospital only
+    shows here, not in the overall figure."""
+    cfg, classes = params.evaluate, params.dataset.classes
+    out = {}
+    for origin in sorted(rows["origin"].unique()):
+        mask = (rows["origin"] == origin).to_numpy()
+        y = label_indices(rows["label"][mask], classes)
+        try:
+            result = evaluate_predictions(
+                y, proba[mask], classes, resamples=cfg.bootstrap_resamples, seed=cfg.seed, bins=cfg.calibration_bins
+            )
+        except MetricsError as err:  # one class only among this source's test images
+            out[origin] = {"n_test": int(mask.sum()), "note": str(err)}
+            continue
+        out[origin] = {"n_test": int(mask.sum()), **{k: result[k] for k in ("accuracy", "macro_f1", "macro_auc")}}
+        out[origin]["ci95"] = {k: result["ci95"][k] for k in ("accuracy", "macro_f1", "macro_auc")}
+    return out
 
 
 def evaluate_models(
@@ -208,7 +237,7 @@ def evaluate_models(
 
     test_csv, data_root, out_dir = Path(test_csv), Path(data_root), Path(out_dir)
     classes = params.dataset.classes
-    rows = read_split(test_csv, classes)
+    rows = _with_origin(read_split(test_csv, classes), data_root)
     summary: dict[str, Any] = {
         "classes": list(classes),
         "data": {
@@ -217,6 +246,8 @@ def evaluate_models(
             "test_per_class": {c: int((rows["label"] == c).sum()) for c in classes},
         },
     }
+    if "origin" in rows:
+        summary["data"]["test_per_source"] = rows["origin"].value_counts().sort_index().to_dict()
     sets = {"test": (rows, data_root)}
     train_rows = pd.concat(
         [read_split(test_csv.with_name(f"{s}.csv"), classes) for s in ("train", "val")], ignore_index=True
@@ -249,6 +280,8 @@ def evaluate_models(
                 target = out_dir / name if set_name == "test" else out_dir / f"{name}_{set_name}"
                 result = _evaluate_set(model, metadata, set_rows, root, params, caches[set_name], target)
                 entry = headline(result, metadata)
+                if set_name == "test" and "origin" in set_rows:
+                    entry["per_source"] = _per_source(set_rows, result["predicted_proba"], params)
                 if set_name == "test":
                     entry["vs_best_baseline"] = {
                         "baseline": best,

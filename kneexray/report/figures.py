@@ -176,6 +176,27 @@ def _baseline_lines(metrics: dict, models: list[str]) -> list[str]:
     return lines
 
 
+def _source_lines(metrics: dict, models: list[str]) -> list[str]:
+    """Per-source test metrics, when the data holds several sources."""
+    if not any("per_source" in metrics[m] for m in models):
+        return []
+    lines = [
+        "",
+        "Per source (test images of each dataset source):",
+        "",
+        "| model | source | images | macro-F1 | macro AUC |",
+    ]
+    lines.append("|---|---|---|---|---|")
+    for m in models:
+        for origin, e in metrics[m].get("per_source", {}).items():
+            if "macro_f1" not in e:
+                lines.append(f"| {MODEL_TITLES[m]} | {origin} | {e['n_test']} | {e['note']} | |")
+                continue
+            auc = "n/a" if e["macro_auc"] is None else format_with_ci(e, "macro_auc")
+            lines.append(f"| {MODEL_TITLES[m]} | {origin} | {e['n_test']} | {format_with_ci(e, 'macro_f1')} | {auc} |")
+    return lines
+
+
 def summary_markdown(metrics: dict, audit: dict, split: dict, figures: list[str]) -> str:
     data, classes = metrics["data"], metrics["classes"]
     models = [m for m in MODEL_TITLES if m in metrics]
@@ -201,7 +222,7 @@ def summary_markdown(metrics: dict, audit: dict, split: dict, figures: list[str]
             + " | ".join(f"{e['recall'][c]:.3f}" for c in classes)
             + f" | {e['ece']:.3f} |"
         )
-    lines += _baseline_lines(metrics, models)
+    lines += _baseline_lines(metrics, models) + _source_lines(metrics, models)
     if any(metrics[m]["weights_source"] == "random" for m in models):
         lines += [
             "",
