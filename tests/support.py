@@ -71,3 +71,16 @@ def make_project(repo: Path) -> Path:
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "tiny pipeline"], repo)
     return repo
+
+
+def model_metadata(size: int) -> dict:
+    """The least kneexray metadata a test model needs (a CNN of `size` px on the default classes)."""
+    from kneexray import DEFAULT_CLASSES, __version__
+
+    return {
+        "model": "cnn",
+        "classes": list(DEFAULT_CLASSES),
+        "image_size": size,
+        "data": {"source": "path"},
+        "kneexray_version": __version__,
+    }

@@ -18,7 +18,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from kneexray import DEFAULT_CLASSES, __version__
+from kneexray import DEFAULT_CLASSES
 from kneexray.__main__ import main
 from kneexray.data.dicom import read_dicom_grey
 from kneexray.data.images import ImageError
@@ -28,20 +28,17 @@ from kneexray.model.files import load_model, save_model
 from kneexray.model.inputs import load_images
 from kneexray.model.networks import build_cnn, build_head, build_resnet
 from kneexray.predict import collect_inputs, load_for_model, predict_files, write_csv, write_json
+from tests.support import model_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
 METADATA = {
-    "model": "cnn",
-    "classes": list(DEFAULT_CLASSES),
-    "image_size": SIZE,
-    "data": {"source": "path"},
+    **model_metadata(SIZE),
     "weights_source": "none (trained from scratch)",
     "input": "greyscale uint8 pixels, resized to image_size x image_size, fed as float32 in [0, 255]",
     "preprocessing": "in-model: Rescaling(1/255)",
     "epochs_run": 6,
     "train_images": 240,
-    "kneexray_version": __version__,
 }
 
 

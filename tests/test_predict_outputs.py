@@ -16,19 +16,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kneexray import DEFAULT_CLASSES, __version__
+from kneexray import DEFAULT_CLASSES
 from kneexray.__main__ import main
 from kneexray.predict import predict_files, write_csv
+from tests.support import model_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
-METADATA = {
-    "model": "cnn",
-    "classes": list(DEFAULT_CLASSES),
-    "image_size": SIZE,
-    "data": {"source": "path"},
-    "kneexray_version": __version__,
-}
+METADATA = model_metadata(SIZE)
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 

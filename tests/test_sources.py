@@ -47,16 +47,14 @@ def make_sources(root: Path, per_class: int = 12) -> tuple[Path, Path, list[tupl
     return a, b, shared
 
 
+def curate_both(a: Path, b: Path, out: Path):
+    sources = {name: {c: folder / c for c in DEFAULT_CLASSES} for name, folder in (("a", a), ("b", b))}
+    return curate(sources, out, max_pixels=10**7, min_side=32, near_duplicate_distance=0.006, keep_conflicts=False)
+
+
 def test_copies_across_sources_are_all_found(tmp_path):
     a, b, shared = make_sources(tmp_path / "raw")
-    curated = curate(
-        {name: {c: folder / c for c in DEFAULT_CLASSES} for name, folder in (("a", a), ("b", b))},
-        tmp_path / "out",
-        max_pixels=10**7,
-        min_side=32,
-        near_duplicate_distance=0.006,
-        keep_conflicts=False,
-    )
+    curated = curate_both(a, b, tmp_path / "out")
     audit, index = curated.audit, curated.index
     groups = [set(g) for g in audit["copies_across_sources_groups"]]
     for pair in shared:
@@ -120,14 +118,7 @@ def test_two_sources_through_the_pipeline_then_one_held_out(project, tmp_path):
 def test_a_copy_under_another_label_in_another_source_is_a_conflict(tmp_path):
     a, b, _ = make_sources(tmp_path / "raw", per_class=4)
     shutil.copy(a / "normal" / "3.jpg", b / "osteoporosis" / "conflict.jpg")
-    curated = curate(
-        {name: {c: folder / c for c in DEFAULT_CLASSES} for name, folder in (("a", a), ("b", b))},
-        tmp_path / "out",
-        max_pixels=10**7,
-        min_side=32,
-        near_duplicate_distance=0.006,
-        keep_conflicts=False,
-    )
+    curated = curate_both(a, b, tmp_path / "out")
     members = [set(g["members"]) for g in curated.audit["label_conflict_groups"]]
     assert {"a/normal/3.jpg (normal)", "b/osteoporosis/conflict.jpg (osteoporosis)"} in members
     assert not curated.index["source"].isin(["a/normal/3.jpg", "b/osteoporosis/conflict.jpg"]).any()
