@@ -132,8 +132,8 @@ def close_pairs(a: np.ndarray, b: np.ndarray | None, threshold: float) -> list[t
         return _all_pairs(a, other, same, threshold)
     pairs = []
     candidates = _candidates(a, other, same, threshold)
-    for start in range(0, len(candidates), 65536):
-        block = candidates[start : start + 65536]
+    for start in range(0, len(candidates), 2048):  # 2048 pairs: about 200 MB of float64 crops
+        block = candidates[start : start + 2048]
         dist = _pair_distance(a[block[:, 0]], other[block[:, 1]])
         pairs += [(int(i), int(j), float(d)) for (i, j), d in zip(block, dist) if d <= threshold]
     return pairs

@@ -128,4 +128,11 @@ def infer(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
                 for i in range(0, len(x), batch_size)
             ]
         )
-    return model.predict(np.asarray(x, dtype=np.float32), batch_size=batch_size, verbose=0)
+    # float32 a few thousand images at a time: the whole set at once is 4x its uint8 size
+    chunk = max(batch_size, 2048)
+    return np.concatenate(
+        [
+            model.predict(np.asarray(x[i : i + chunk], dtype=np.float32), batch_size=batch_size, verbose=0)
+            for i in range(0, len(x), chunk)
+        ]
+    )

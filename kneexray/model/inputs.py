@@ -103,22 +103,31 @@ def make_dataset(
     augmenter=None,
     drop_remainder: bool = False,
     n_classes: int = 0,
+    rows: np.ndarray | None = None,
 ) -> tf.data.Dataset:
-    """Batches of float32 images in [0, 255] (and labels one-hot over `n_classes`); preprocessing is in the model."""
-    features = tf.data.Dataset.from_tensor_slices(images)
+    """Batches of float32 images in [0, 255] (and labels one-hot over `n_classes`); preprocessing is in the model.
+
+    The dataset holds row numbers, not pixels: each batch is gathered from `images` (the rows
+    `rows` picks, all by default) as it is needed. Every fold shares the one array, and the
+    shuffle buffer holds numbers, so memory does not grow with folds or with a copy per dataset.
+    """
+    order = np.arange(len(images)) if rows is None else np.asarray(rows, dtype=np.int64)
+    features = tf.data.Dataset.from_tensor_slices(order)
     if labels is not None:
         if n_classes < 2:
             raise ValueError(f"make_dataset: labels need n_classes >= 2, got {n_classes}")
-        one_hot = tf.one_hot(labels, n_classes)
+        one_hot = tf.one_hot(np.asarray(labels)[order], n_classes)
         ds = tf.data.Dataset.zip(features, tf.data.Dataset.from_tensor_slices(one_hot))
     else:
         ds = features
     if shuffle_seed is not None:
-        ds = ds.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(len(order), seed=shuffle_seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    dtype, shape = tf.as_dtype(images.dtype), (None, *images.shape[1:])
 
-    def to_float(x, *rest):
-        x = tf.cast(x, tf.float32)
+    def to_float(i, *rest):
+        x = tf.numpy_function(lambda j: images[j], [i], dtype, stateful=False)
+        x = tf.cast(tf.ensure_shape(x, shape), tf.float32)
         if augmenter is not None:
             x = augmenter(x, training=True)
         return (x, *rest) if rest else x

@@ -168,26 +168,29 @@ def _flatten(model: keras.Model):
             yield layer
 
 
-def recompute_batchnorm(model: keras.Model, images, chunk: int = 256) -> None:
+def recompute_batchnorm(model: keras.Model, images, chunk: int = 256, rows=None) -> None:
     """Set every trainable BatchNorm layer's moving mean and variance to its statistics over
     `images` (the un-augmented training images), in training mode with the current weights.
 
     With a few hundred images an epoch is a handful of batches: the moving averages lag weights
     that move fast, and in inference mode the network then gave every image the same class.
-    Equal-weight averaging over chunks (momentum (i-1)/i on chunk i) makes one chunk exact."""
+    Equal-weight averaging over chunks (momentum (i-1)/i on chunk i) makes one chunk exact.
+    `rows` picks the images to use (all by default), read chunk by chunk."""
     import numpy as np
+
+    rows = np.arange(len(images)) if rows is None else np.asarray(rows)
 
     layers = [
         layer for layer in _flatten(model) if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
     ]
-    if not layers or len(images) == 0:
+    if not layers or len(rows) == 0:
         return
     momenta = [layer.momentum for layer in layers]
     try:
-        for i, start in enumerate(range(0, len(images), chunk)):
+        for i, start in enumerate(range(0, len(rows), chunk)):
             for layer in layers:
                 layer.momentum = i / (i + 1)
-            model(np.asarray(images[start : start + chunk], dtype="float32"), training=True)
+            model(np.asarray(images[rows[start : start + chunk]], dtype="float32"), training=True)
     finally:
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum

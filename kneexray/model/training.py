@@ -190,15 +190,18 @@ def fit_folds(
     models, datasets, weights = [], [], []
     for f in range(n_folds):
         idx = folds.fit[f]
-        x_fit, y_fit = x[idx], y[idx]
-        if extra_fit is not None:
-            x_fit, y_fit = np.concatenate([x_fit, extra_fit[0][idx]]), np.concatenate([y_fit, extra_fit[1][idx]])
+        if extra_fit is None:  # the fold's rows of the one shared array: no copy per fold
+            x_fit, y_fit, labels, rows = x, y[idx], y, idx
+        else:
+            x_fit, y_fit = np.concatenate([x[idx], extra_fit[0][idx]]), np.concatenate([y[idx], extra_fit[1][idx]])
+            labels, rows = y_fit, None
         steps = len(y_fit) // batch if not ragged_ok else -(-len(y_fit) // batch)
         datasets.append(
             shard_by_data(
                 make_dataset(
                     x_fit,
-                    y_fit,
+                    labels,
+                    rows=rows,
                     batch_size=batch,
                     shuffle_seed=train_cfg.seed + f,
                     augmenter=augmenter,
@@ -244,7 +247,7 @@ def fit_folds(
             seconds += time.perf_counter() - started
             train_loss.append(history.history["loss"][-1])
             train_acc.append(history.history["accuracy"][-1])
-            recompute_batchnorm(model, x[folds.fit[f]])
+            recompute_batchnorm(model, x, rows=folds.fit[f])
             oof[folds.held[f]] = infer(model, x[folds.held[f]], batch)
         y_held, p_held = y[held_all], oof[held_all]
         value = score(train_cfg.select_on, y_held, p_held)
