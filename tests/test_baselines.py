@@ -61,3 +61,11 @@ def test_paired_difference_sees_a_real_gap_and_no_gap():
     assert gap["macro_f1_difference"] > 0.5 and gap["low"] > 0.3
     same = paired_difference(y, good, good, 3, resamples=500, seed=0)
     assert same == {"macro_f1_difference": 0.0, "low": 0.0, "high": 0.0}
+
+
+def test_logistic_baselines_work_with_two_classes():
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % 2
+    x = (rng.normal(size=(60, 8, 8, 1)) * 20 + 100 + 60 * y[:, None, None, None]).clip(0, 255).astype(np.uint8)
+    proba = baselines.thumbnail_logistic(x[:40], y[:40], x[40:], 2)
+    assert proba.shape == (20, 2) and (proba.argmax(axis=1) == y[40:]).mean() >= 0.9

@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegressionCV
+from sklearn.metrics import f1_score, make_scorer
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -46,7 +47,8 @@ def _logistic(seed: int, y: np.ndarray):
         LogisticRegressionCV(
             Cs=[1e-4, 1e-3, 1e-2, 1e-1, 1.0],
             cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
-            scoring="f1_macro",
+            # the scorer "f1_macro" names; as a string, scikit-learn 1.9 fails on two classes (pos_label twice)
+            scoring=make_scorer(f1_score, average="macro"),
             class_weight="balanced",
             max_iter=5000,
         ),
