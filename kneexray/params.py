@@ -12,7 +12,7 @@ import math
 import re
 import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -115,55 +115,20 @@ def _class_fractions(key: str, value: Any) -> Mapping[str, float]:
     return MappingProxyType(dict(value))
 
 
-@dataclass(frozen=True)
-class SourceParams:
-    """One dataset of several (dataset.sources): where it comes from, and its name in reports."""
-
-    name: str
-    source: str
-    url: str = ""
-    path: str = ""
-    sha256: str = ""
-    seed: int | None = None  # phantom only: another seed makes another phantom
+def _rule(check: Check, default: Any = MISSING) -> Any:
+    """A field validated by `check` (which may also convert: lists become tuples); required unless
+    it has a default."""
+    return field(default=default, metadata={"check": check})
 
 
-_SOURCE_KEYS = {f.name for f in fields(SourceParams)}
+def _name(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not _CLASS_NAME.fullmatch(value):
+        raise ParamsError(f"{key}: {value!r} is not a name (letters, digits, _ . -)")
+    return value
 
 
-def _sources(key: str, value: Any) -> tuple[SourceParams, ...]:
-    """dataset.sources: a list of {name, source, url | path, sha256, seed}; empty: the single source."""
-    if not isinstance(value, list):
-        raise ParamsError(f"{key}: expected a list of sources (or []), got {value!r}")
-    out = []
-    for i, item in enumerate(value):
-        where = f"{key}[{i}]"
-        if not isinstance(item, dict):
-            raise ParamsError(f"{where}: expected a mapping with name and source, got {item!r}")
-        for k in item:
-            if k not in _SOURCE_KEYS:
-                raise ParamsError(f"{where}.{k}: unknown key; allowed: {', '.join(sorted(_SOURCE_KEYS))}")
-        for k in ("name", "source"):
-            if k not in item:
-                raise ParamsError(f"{where}.{k}: missing")
-        if not isinstance(item["name"], str) or not _CLASS_NAME.fullmatch(item["name"]):
-            raise ParamsError(f"{where}.name: {item['name']!r} is not a name (letters, digits, _ . -)")
-        _choice("phantom", "url", "path")(f"{where}.source", item["source"])
-        for k in ("url", "path", "sha256"):
-            _STR(f"{where}.{k}", item.get(k, ""))
-        if item.get("seed") is not None:
-            _num(0, integer=True)(f"{where}.seed", item["seed"])
-        if item["source"] != "phantom" and not item.get(item["source"]):
-            raise ParamsError(f"{where}.{item['source']}: required when its source is {item['source']!r}")
-        out.append(SourceParams(**item))
-    names = [s.name for s in out]
-    if len(set(names)) != len(names):
-        raise ParamsError(f"{key}: source names must be distinct, got {names}")
-    return tuple(out)
-
-
-def _rule(check: Check) -> Any:
-    """A required field validated by `check` (which may also convert: lists become tuples)."""
-    return field(metadata={"check": check})
+def _optional(check: Check) -> Check:
+    return lambda key, value: None if value is None else check(key, value)
 
 
 _STR = _of_type(str, "a string")
@@ -176,6 +141,32 @@ _LEARNING_RATE = _num(0, 1, lo_open=True)
 _FRACTION = _num(0, 1)
 _IMAGE_SIZE = _num(32, 1024, integer=True)
 _DROPOUT = _num(0, 1, hi_open=True)
+
+
+@dataclass(frozen=True)
+class SourceParams:
+    """One dataset of several (dataset.sources): where it comes from, and its name in reports."""
+
+    name: str = _rule(_name)
+    source: str = _rule(_choice("phantom", "url", "path"))
+    url: str = _rule(_STR, "")
+    path: str = _rule(_STR, "")
+    sha256: str = _rule(_STR, "")
+    seed: int | None = _rule(_optional(_num(0, integer=True)), None)  # phantom only: another seed, another phantom
+
+
+def _sources(key: str, value: Any) -> tuple[SourceParams, ...]:
+    """dataset.sources: a list of {name, source, url | path, sha256, seed}; empty: the single source."""
+    if not isinstance(value, list):
+        raise ParamsError(f"{key}: expected a list of sources (or []), got {value!r}")
+    out = tuple(_section(f"{key}[{i}]", SourceParams, item) for i, item in enumerate(value))
+    for i, spec in enumerate(out):
+        if spec.source != "phantom" and not getattr(spec, spec.source):
+            raise ParamsError(f"{key}[{i}].{spec.source}: required when its source is {spec.source!r}")
+    names = [spec.name for spec in out]
+    if len(set(names)) != len(names):
+        raise ParamsError(f"{key}: source names must be distinct, got {names}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -324,10 +315,11 @@ def _section(name: str, cls: type, values: Any) -> Any:
         if key not in rules:
             raise ParamsError(f"{name}.{key}: unknown key; allowed: {', '.join(rules)}")
     checked = {}
-    for key, check in rules.items():
-        if key not in values:
-            raise ParamsError(f"{name}.{key}: missing")
-        checked[key] = check(f"{name}.{key}", values[key])
+    for f in fields(cls):
+        if f.name in values:
+            checked[f.name] = f.metadata["check"](f"{name}.{f.name}", values[f.name])
+        elif f.default is MISSING:
+            raise ParamsError(f"{name}.{f.name}: missing")
     return cls(**checked)
 
 
