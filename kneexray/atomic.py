@@ -97,3 +97,15 @@ def stable_zip_entry(name: str, compress_type: int = zipfile.ZIP_DEFLATED) -> zi
     info.compress_type = compress_type
     info.external_attr = 0o644 << 16
     return info
+
+
+def copy_into_zip(
+    archive: zipfile.ZipFile, name: str, source: str | Path, compress_type: int = zipfile.ZIP_DEFLATED
+) -> None:
+    """Stream the file `source` into `archive` as the stable entry `name`: the bytes that writestr
+    of its content would give, without holding it in memory."""
+    entry = stable_zip_entry(name, compress_type)
+    with open(source, "rb") as src:
+        entry.file_size = os.fstat(src.fileno()).st_size  # as writestr sets it: ZIP64 only when needed
+        with archive.open(entry, "w") as dst:
+            shutil.copyfileobj(src, dst, 2**20)

@@ -179,7 +179,7 @@ def test_a_failure_while_writing_leaves_the_target_untouched(
     target = tmp_path / "phantom.zip"
     if existing:
         target.write_bytes(b"previous archive")
-    real_render, real_entry = phantom.render_knee, phantom.stable_zip_entry
+    real_render = phantom.render_knee
     calls = []
 
     def failing_render(*args, **kwargs) -> Image.Image:
@@ -188,15 +188,14 @@ def test_a_failure_while_writing_leaves_the_target_untouched(
             raise RuntimeError("crashed")
         return real_render(*args, **kwargs)
 
-    def failing_entry(name: str) -> zipfile.ZipInfo:
-        if name == "Knee-X-ray.zip":  # the outer archive is already open in its temporary file
-            raise RuntimeError("crashed")
-        return real_entry(name)
+    def failing_copy(archive, name, *args) -> None:
+        assert name == "Knee-X-ray.zip"  # the outer archive is already open in its temporary file
+        raise RuntimeError("crashed")
 
     if stage == "render":
         monkeypatch.setattr(phantom, "render_knee", failing_render)
     else:
-        monkeypatch.setattr(phantom, "stable_zip_entry", failing_entry)
+        monkeypatch.setattr(phantom, "copy_into_zip", failing_copy)
     with pytest.raises(RuntimeError, match="crashed"):
         write_phantom_archive(target, **SMALL)
     assert list(tmp_path.iterdir()) == ([target] if existing else [])

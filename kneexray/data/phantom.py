@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from kneexray import DEFAULT_CLASSES
-from kneexray.atomic import atomic_path, stable_zip_entry
+from kneexray.atomic import atomic_path, copy_into_zip, stable_zip_entry
 from kneexray.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -342,11 +342,8 @@ def write_phantom_archive(
                     counts[label] += 1
                     name = f"{INNER_ROOT}/{label}/{PREFIXES.get(label, label + '_')}{counts[label]}.jpg"
                     inner.writestr(stable_zip_entry(name), buffer.getvalue())
-            with zipfile.ZipFile(tmp, "w") as archive, open(inner_path, "rb") as src:
-                entry = stable_zip_entry(INNER_ZIP)
-                entry.file_size = os.fstat(src.fileno()).st_size  # as writestr sets it: the same bytes
-                with archive.open(entry, "w") as dst:
-                    shutil.copyfileobj(src, dst, 2**20)
+            with zipfile.ZipFile(tmp, "w") as archive:
+                copy_into_zip(archive, INNER_ZIP, inner_path)
         finally:
             inner_path.unlink(missing_ok=True)
     log.info("wrote %d phantom images to %s: %s", n_images, path, counts)

@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 
 from kneexray.data.archive import walk_tree
-from kneexray.atomic import atomic_path, stable_zip_entry
+from kneexray.atomic import atomic_path, copy_into_zip
 from kneexray.data.download import download, sha256_file
 from kneexray.errors import InputError, MissingInputError
 from kneexray.layout import SOURCES_DIR
@@ -34,11 +34,7 @@ def _pack_folder(folder: Path, out_zip: Path) -> None:
         for path in files:
             if path.is_symlink() or not path.is_file():
                 continue
-            entry = stable_zip_entry(path.relative_to(folder).as_posix(), zipfile.ZIP_STORED)
-            with open(path, "rb") as src:
-                entry.file_size = os.fstat(src.fileno()).st_size  # as writestr sets it: ZIP64 only when needed
-                with archive.open(entry, "w") as dst:
-                    shutil.copyfileobj(src, dst, 2**20)
+            copy_into_zip(archive, path.relative_to(folder).as_posix(), path, zipfile.ZIP_STORED)
 
 
 def _copy_zip(source: Path, out_zip: Path, sha256: str) -> None:
@@ -103,10 +99,6 @@ def fetch(cfg: DatasetParams, phantom: PhantomParams, out_zip: str | Path) -> di
                 _fetch_one(spec, cfg, phantom, parts[-1][1])
             with atomic_path(out_zip, kind="file") as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
                 for name, part in parts:
-                    entry = stable_zip_entry(f"{SOURCES_DIR}/{name}.zip", zipfile.ZIP_STORED)
-                    with open(part, "rb") as src:
-                        entry.file_size = os.fstat(src.fileno()).st_size  # as writestr sets it: ZIP64 only when needed
-                        with archive.open(entry, "w") as dst:
-                            shutil.copyfileobj(src, dst, 2**20)
+                    copy_into_zip(archive, f"{SOURCES_DIR}/{name}.zip", part, zipfile.ZIP_STORED)
     source = "+".join(spec.name for spec in specs) if cfg.sources else cfg.source
     return {"source": source, "bytes": out_zip.stat().st_size, "sha256": sha256_file(out_zip)}
