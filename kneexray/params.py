@@ -246,6 +246,7 @@ class TrainParams:
     mixed_precision: str = _rule(_choice("float32", "auto", "mixed_float16", "mixed_bfloat16"))
     jit_compile: bool = _rule(_BOOL)
     threads: int = _rule(_num(0, 256, integer=True))
+    linear_probe: int = _rule(_num(0, 4096, integer=True), 0)  # thumbnail side of the probe blended in; 0 = none
 
 
 @dataclass(frozen=True)
@@ -354,6 +355,12 @@ def validate(raw: Any) -> Params:
     if params.train.no_skill_share <= 1 / len(dataset.classes):
         raise ParamsError(
             f"train.no_skill_share: must be above 1 / {len(dataset.classes)} classes, got {params.train.no_skill_share}"
+        )
+    smallest = min(params.cnn.image_size, params.resnet.image_size)
+    if params.train.linear_probe > smallest:
+        raise ParamsError(
+            f"train.linear_probe: thumbnails of {params.train.linear_probe} px can't be taken from "
+            f"{smallest} px images (cnn/resnet.image_size); use at most that, or 0 for none"
         )
     resnet = params.resnet
     if resnet.weights == "file" and not resnet.weights_path:

@@ -19,6 +19,7 @@ from kneexray.evaluate.scoring import predict_proba
 from kneexray.model.devices import infer
 from kneexray.model.files import load_model, save_model
 from kneexray.model.inputs import label_indices, load_images
+from kneexray.model.probe import network_of
 from kneexray.model.selection import EpochSelector, no_skill, prediction_shares, score
 from kneexray.model.training import Folds, train
 from kneexray.params import validate
@@ -112,7 +113,12 @@ def test_cnn_beats_the_majority_baseline_on_a_learnable_phantom_and_predict_agre
     path = tmp_path / "cnn.keras"
     save_model(result.model, meta, path)
     model, _ = load_model(path)
-    assert isinstance(model.layers[-1], keras.layers.Average) and len(model.layers) == 3 + 2
+    ensemble = network_of(model) or model  # blended with the linear probes, or the network alone
+    assert isinstance(ensemble.layers[-1], keras.layers.Average) and len(ensemble.layers) == 3 + 2
+    # the saved model is at least as good out of fold as each of its parts
+    probe = meta["linear_probe"]
+    best_part = max(probe["network_out_of_fold"]["macro_f1"], probe["probe_out_of_fold"]["macro_f1"])
+    assert meta["out_of_fold"]["macro_f1"] >= best_part
     files = [phantom / p for p in test["path"]]
     rows = predict_files(path, files, batch_size=8)
     by_path = {Path(r["path"]).resolve(): r["predicted"] for r in rows}
@@ -132,7 +138,8 @@ def test_early_stopping_triggers_and_the_kept_weights_are_the_selected_epochs(ti
     rows = pd.concat([pd.read_csv(phantom / "train.csv"), pd.read_csv(phantom / "val.csv")], ignore_index=True)
     x, y = load_images(rows["path"], 48, root=phantom), label_indices(rows["label"], DEFAULT_CLASSES)
     folds = Folds.make(rows, 9, 3, params["train"]["seed"])
-    members = [layer for layer in result.model.layers if isinstance(layer, keras.Model)]
+    network = network_of(result.model) or result.model
+    members = [layer for layer in network.layers if isinstance(layer, keras.Model)]
     oof = np.zeros((len(y), 3))
     for member, held in zip(members, folds.held):
         oof[held] = infer(member, x[held], 8)
@@ -153,7 +160,7 @@ def test_a_collapsed_model_is_flagged_in_its_metadata(tiny, phantom, tmp_path, c
     val = pd.read_csv(imbalanced / "val.csv")
     val["label"] = "osteopenia"
     val.to_csv(imbalanced / "val.csv", index=False)
-    params["train"]["folds"] = 1
+    params["train"].update(folds=1, linear_probe=0)  # the network alone
     result = train("cnn", validate(params), split_dir=imbalanced, data_root=imbalanced, live_dir=tmp_path / "live")
     assert result.metadata["no_skill"] is True
     assert result.metadata["train_prediction_shares"]["osteopenia"] >= 0.95

@@ -16,6 +16,7 @@ from kneexray.data.phantom import render_knee
 from kneexray.model.card import code_digest
 from kneexray.model.files import load_model, read_metadata, save_model
 from kneexray.model.networks import RESNET_BASE_NAME, WeightsUnavailable, build_cnn, forward_flops, resnet_base
+from kneexray.model.probe import network_of
 from kneexray.model.training import train
 from kneexray.params import validate
 
@@ -95,7 +96,7 @@ def test_resnet_loads_a_local_weights_file(tiny, tiny_split, tmp_path):
     }
     result = _train("resnet", params, tiny_split, tmp_path)
     assert result.metadata["weights_source"] == "file:base.weights.h5"
-    base = result.model.get_layer(RESNET_BASE_NAME)
+    base = (network_of(result.model) or result.model).get_layer(RESNET_BASE_NAME)
     assert not base.trainable  # frozen: training the head left the loaded weights untouched
     for a, b in zip(base.get_weights(), reference.get_weights()):
         np.testing.assert_array_equal(a, b)
@@ -152,7 +153,7 @@ def test_resnet_fine_tuning_unfreezes_the_top_layers(tiny, tiny_split, tmp_path)
     params = {**tiny, "resnet": resnet, "train": {**tiny["train"], "patience": 5, "folds": 1}}  # one shared base
     result = _train("resnet", params, tiny_split, tmp_path)
     assert result.epochs_run == tiny["resnet"]["epochs"] + 1
-    base = result.model.get_layer(RESNET_BASE_NAME)
+    base = (network_of(result.model) or result.model).get_layer(RESNET_BASE_NAME)
     reference, _ = resnet_base(32, weights="file", weights_path=str(tmp_path / "base.weights.h5"))
     top_conv = [layer for layer in base.layers if isinstance(layer, keras.layers.Conv2D)][-1]
     bottom_conv = base.get_layer("conv1_conv")

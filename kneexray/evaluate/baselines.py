@@ -65,14 +65,21 @@ def _proba(model, x: np.ndarray, k: int) -> np.ndarray:
 def _fit(model, x, y):
     with warnings.catch_warnings():  # scikit-learn 1.9 announces API changes that don't affect this use
         warnings.simplefilter("ignore", FutureWarning)
+        # two classes: the macro-F1 scorer passes a pos_label that macro averaging ignores
+        warnings.filterwarnings("ignore", "Note that pos_label", UserWarning)
         return model.fit(x, y)
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, seed: int = 0):
+    """The balanced logistic regression of the baselines (standardised features), fitted on (x, y)."""
+    return _fit(_logistic(seed, y), x, y)
 
 
 def thumbnail_logistic(
     x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, k: int, seed: int = 0
 ) -> np.ndarray:
     """Balanced logistic regression on flattened greyscale thumbnails ((N, s, s, 1) uint8)."""
-    model = _fit(_logistic(seed, y_train), x_train.reshape(len(x_train), -1) / 255.0, y_train)
+    model = fit_logistic(x_train.reshape(len(x_train), -1) / 255.0, y_train, seed)
     return _proba(model, x_test.reshape(len(x_test), -1) / 255.0, k)
 
 
@@ -102,5 +109,5 @@ def clinical_features(table: pd.DataFrame) -> np.ndarray:
 def clinical_logistic(
     train: pd.DataFrame, y_train: np.ndarray, test: pd.DataFrame, k: int, seed: int = 0
 ) -> np.ndarray:
-    model = _fit(_logistic(seed, y_train), clinical_features(train), y_train)
+    model = fit_logistic(clinical_features(train), y_train, seed)
     return _proba(model, clinical_features(test), k)

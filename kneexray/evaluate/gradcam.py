@@ -22,6 +22,7 @@ from PIL import Image
 
 from kneexray.atomic import write_bytes
 from kneexray.errors import InputError
+from kneexray.model.layers import LinearProbe
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,11 @@ class GradCam:
         # A fold ensemble (members averaged): each member's heatmap for the ensemble's class, averaged.
         self._members: list[GradCam] | None = None
         self.target_name: str = ""
+        if any(isinstance(layer, LinearProbe) for layer in self._chain):
+            # Blended with linear probes: the heatmap is the network's, for the blend's class.
+            self._members = [next(GradCam(layer) for layer in self._chain if isinstance(layer, keras.Model))]
+            self.target_name = self._members[0].target_name
+            return
         if isinstance(self._chain[-1], keras.layers.Average):
             self._members = [GradCam(layer) for layer in self._chain if isinstance(layer, keras.Model)]
             self.target_name = self._members[0].target_name

@@ -29,6 +29,17 @@ def predict_proba(model, images: np.ndarray, batch_size: int) -> np.ndarray:
     return model.predict(make_dataset(images, None, batch_size=batch_size), verbose=0)
 
 
+def _probe_lines(metadata: dict) -> list[str]:
+    probe = metadata.get("linear_probe")
+    if probe is None:
+        return []
+    return [
+        f"- Blended with a logistic regression on {probe['size']} px thumbnails (the linear probe): network "
+        f"weight {probe['network_weight']:.1f}, chosen out of fold; out-of-fold macro-F1 of the network alone "
+        f"{probe['network_out_of_fold']['macro_f1']:.3f}, of the probe alone {probe['probe_out_of_fold']['macro_f1']:.3f}."
+    ]
+
+
 def headline(result: dict, metadata: dict | None = None) -> dict:
     """The small, diffable figures for reports/metrics.json."""
     out = {name: result[name] for name in HEADLINE}
@@ -41,6 +52,13 @@ def headline(result: dict, metadata: dict | None = None) -> dict:
         for key in ("no_skill", "selected_epoch", "folds", "out_of_fold"):
             if key in metadata:
                 out[key] = metadata[key]
+        if "linear_probe" in metadata:  # the network's share beside the thumbnail probe, and each part alone
+            probe = metadata["linear_probe"]
+            out["linear_probe"] = {
+                "network_weight": probe["network_weight"],
+                "network_out_of_fold_macro_f1": probe["network_out_of_fold"]["macro_f1"],
+                "probe_out_of_fold_macro_f1": probe["probe_out_of_fold"]["macro_f1"],
+            }
     return out
 
 
@@ -344,6 +362,7 @@ def model_card(name: str, metadata: dict, summary: dict) -> str:
         f"weights: {metadata['weights_source']}.",
         f"- Out-of-fold macro-F1 (training images, each scored by a model that did not see it): "
         f"{metadata.get('out_of_fold', {}).get('macro_f1', float('nan')):.3f}.",
+        *_probe_lines(metadata),
         f"- No-skill alarm: {'**YES**: it gives nearly every image one class' if metadata.get('no_skill') else 'no'}.",
         "",
         f"Test set: {summary['data']['n_test']} images. Brackets: 95% bootstrap CIs.",

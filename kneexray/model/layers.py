@@ -52,3 +52,38 @@ class RandomScaleBrightness(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "low": self.low, "high": self.high, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="kneexray")
+class LinearProbe(keras.layers.Layer):
+    """Class logits of a logistic regression on `size` x `size` greyscale thumbnails of the input.
+
+    Its weights are fitted by scikit-learn (`kneexray.model.probe`) and never trained by gradient
+    descent; the CNN adds its own logits to these, so it starts from the linear probe.
+    """
+
+    def __init__(self, size: int, n_classes: int, **kwargs):
+        super().__init__(**kwargs)
+        self.size, self.n_classes = int(size), int(n_classes)
+        self.resize = keras.layers.Resizing(self.size, self.size, interpolation="area", dtype="float32")
+
+    def build(self, input_shape):
+        features = self.size * self.size * int(input_shape[-1])
+        self.kernel = self.add_weight(
+            name="kernel", shape=(features, self.n_classes), initializer="zeros", trainable=False
+        )
+        self.bias = self.add_weight(name="bias", shape=(self.n_classes,), initializer="zeros", trainable=False)
+
+    def thumbnails(self, images):
+        """(N, size * size) values in [0, 1]: what the logistic regression sees."""
+        x = self.resize(ops.cast(images, "float32") / 255.0)
+        return ops.reshape(x, (ops.shape(x)[0], -1))
+
+    def call(self, inputs):
+        return ops.matmul(self.thumbnails(inputs), ops.cast(self.kernel, "float32")) + ops.cast(self.bias, "float32")
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.n_classes)
+
+    def get_config(self):
+        return {**super().get_config(), "size": self.size, "n_classes": self.n_classes}

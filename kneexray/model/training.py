@@ -13,6 +13,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -45,6 +46,7 @@ from kneexray.model.networks import (
     resnet_base,
     unfreeze_top,
 )
+from kneexray.model.probe import choose_weight, fit_fold_probes, with_probes
 from kneexray.model.selection import EpochSelector, no_skill, prediction_shares, score, weighted_log_loss
 from kneexray.params import CnnParams, Params, ResnetParams, TrainParams
 
@@ -299,6 +301,10 @@ def _oof_metrics(y: np.ndarray, proba: np.ndarray) -> dict:
     }
 
 
+def _rounded(metrics: dict) -> dict:
+    return {k: round(v, 6) for k, v in metrics.items()}
+
+
 def _log_epoch(live: Live, train_loss: float, train_acc: float, y: np.ndarray, proba: np.ndarray) -> None:
     live.log_metric("train/loss", float(train_loss))
     live.log_metric("train/accuracy", float(train_acc))
@@ -432,6 +438,29 @@ def train(
             live.end()
     backup.remove()
 
+    parts: dict[str, Any] = {}
+    if train_cfg.linear_probe:
+        probes, probe_oof = fit_fold_probes(
+            train_cfg.linear_probe, x, y, folds.fit, folds.held, len(classes), seed=train_cfg.seed
+        )
+        weight, weights_scored = choose_weight(train_cfg.select_on, y[held], oof[held], probe_oof[held])
+        parts = {
+            "network_weight": weight,
+            "network_out_of_fold": _rounded(_oof_metrics(y[held], oof[held])),
+            "probe_out_of_fold": _rounded(_oof_metrics(y[held], probe_oof[held])),
+            f"out_of_fold_{train_cfg.select_on}_by_network_weight": weights_scored,
+        }
+        log.info(
+            "%s: out-of-fold %s %.3f, linear probe %.3f: network weight %.1f in the saved model",
+            kind,
+            train_cfg.select_on,
+            parts["network_out_of_fold"][train_cfg.select_on],
+            parts["probe_out_of_fold"][train_cfg.select_on],
+            weight,
+        )
+        with strategy.scope():
+            model = with_probes(model, probes, weight)
+        oof = weight * oof + (1 - weight) * probe_oof
     oof_metrics = _oof_metrics(y[held], oof[held])
     shares = prediction_shares(infer(model, x, batch), classes)
     collapsed = no_skill(shares, train_cfg.no_skill_share)
@@ -456,8 +485,14 @@ def train(
         "epochs_run": info["epochs_run"],
         "selected_epoch": info["selected_epoch"],
         "folds": info["folds"],
-        "ensemble": f"mean of {info['folds']} fold models" if info["folds"] > 1 else "one model",
-        "out_of_fold": {k: round(v, 6) for k, v in oof_metrics.items()},
+        "ensemble": (f"mean of {info['folds']} fold models" if info["folds"] > 1 else "one model")
+        + (
+            f", weighted {parts['network_weight']:.1f} against the linear probes' mean"
+            if parts and parts["network_weight"] < 1
+            else ""
+        ),
+        "out_of_fold": _rounded(oof_metrics),
+        **({"linear_probe": {"size": train_cfg.linear_probe, **parts}} if parts else {}),
         "train_prediction_shares": {k: round(v, 6) for k, v in shares.items()},
         "no_skill": collapsed is not None,
         "train_images": int(len(y)),
