@@ -102,6 +102,8 @@ def seed_metrics(metrics: dict) -> dict[str, dict[str, float]]:
         )
         if "vs_best_baseline" in m:
             out[model]["paired_ci_low"] = m["vs_best_baseline"]["low"]
+        if "linear_probe" in m:  # the network's weight against the thumbnail probe in the saved model
+            out[model]["network_weight"] = m["linear_probe"]["network_weight"]
     if "chance" in metrics.get("baselines", {}):
         out["chance"] = {"macro_f1": metrics["baselines"]["chance"]["macro_f1"]}
     return out
