@@ -313,3 +313,17 @@ def test_letterbox_of_a_square_image_is_the_squash() -> None:
     np.testing.assert_array_equal(to_square(img, 40, "letterbox"), to_square(img, 40, "squash"))
     with pytest.raises(ValueError, match="fit must be one of"):
         to_square(img, 40, "crop")
+
+
+def test_images_spilled_to_a_memory_map_are_the_same_pixels(tmp_path: Path) -> None:
+    from kneexray.model.inputs import load_images
+
+    rng = np.random.default_rng(3)
+    paths = []
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (40 + i, 50), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        paths.append(f"{i}.png")
+    in_memory = load_images(paths, 32, root=tmp_path)
+    mapped = load_images(paths, 32, root=tmp_path, spill_to=tmp_path / "images.npy")
+    assert isinstance(mapped, np.memmap) and np.array_equal(mapped, in_memory)
+    assert np.array_equal(np.load(tmp_path / "images.npy", mmap_mode="r"), in_memory)  # the pixels are on disk

@@ -33,10 +33,11 @@ def _probe_lines(metadata: dict) -> list[str]:
     probe = metadata.get("linear_probe")
     if probe is None:
         return []
+    network, alone = probe["network_out_of_fold"]["macro_f1"], probe["probe_out_of_fold"]["macro_f1"]
     return [
         f"- Blended with a logistic regression on {probe['size']} px thumbnails (the linear probe): network "
         f"weight {probe['network_weight']:.1f}, chosen out of fold; out-of-fold macro-F1 of the network alone "
-        f"{probe['network_out_of_fold']['macro_f1']:.3f}, of the probe alone {probe['probe_out_of_fold']['macro_f1']:.3f}."
+        f"{network:.3f}, of the probe alone {alone:.3f}."
     ]
 
 

@@ -1,8 +1,9 @@
 """The input pipeline: decode each radiograph once, keep small grey arrays, feed tf.data.
 
 Real radiographs are JPEGs of up to 2660 px; decoding them every epoch would dominate training
-time on a CPU. They are decoded once (at reduced JPEG scale), resized to `image.size` and kept
-in memory as uint8, which for the real data is 239 x 224 x 224 bytes = 12 MB.
+time on a CPU. They are decoded once (at reduced JPEG scale), resized to `image.size` and kept as
+uint8 (the real data: 239 x 224 x 224 bytes = 12 MB); training keeps them in a memory-mapped file,
+so a large set need not fit in memory, and batches gather rows by number.
 """
 
 from __future__ import annotations
@@ -39,12 +40,26 @@ def read_split(csv_path: str | Path, classes: Sequence[str]) -> pd.DataFrame:
 
 
 def load_images(
-    paths, size: int, *, fit: str = "squash", root: str | Path = ".", workers: int = 2, desc: str = "decode"
+    paths,
+    size: int,
+    *,
+    fit: str = "squash",
+    root: str | Path = ".",
+    workers: int = 2,
+    desc: str = "decode",
+    spill_to: str | Path | None = None,
 ) -> np.ndarray:
-    """(N, size, size, 1) uint8; PIL releases the GIL while decoding, so threads help."""
+    """(N, size, size, 1) uint8; PIL releases the GIL while decoding, so threads help.
+
+    With `spill_to` (a .npy path) the array is a memory map of that file: the operating system
+    keeps in memory what is being read and can drop the rest (20,000 images at 224 px are 1 GB)."""
     root = Path(root)
     paths = [root / p for p in paths]
-    out = np.empty((len(paths), size, size, 1), dtype=np.uint8)
+    shape = (len(paths), size, size, 1)
+    if spill_to is None:
+        out = np.empty(shape, dtype=np.uint8)
+    else:
+        out = np.lib.format.open_memmap(spill_to, mode="w+", dtype=np.uint8, shape=shape)
 
     def one(i: int) -> None:
         out[i, :, :, 0] = load_grey_array(paths[i], size, fit=fit)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -330,6 +331,29 @@ def train(
     backup_dir: str | Path | None = None,
 ) -> TrainResult:
     """Train `kind` ('cnn' or 'resnet') on split_dir/train.csv + val.csv, cross-validated."""
+    # The decoded images live in a memory-mapped file here, removed when training ends.
+    with tempfile.TemporaryDirectory(prefix="kneexray-images-", ignore_cleanup_errors=True) as scratch:
+        return _train(
+            kind,
+            params,
+            split_dir=split_dir,
+            data_root=data_root,
+            live_dir=live_dir,
+            backup_dir=backup_dir,
+            images_file=Path(scratch) / "images.npy",
+        )
+
+
+def _train(
+    kind: str,
+    params: Params,
+    *,
+    split_dir: str | Path,
+    data_root: str | Path,
+    live_dir: str | Path,
+    backup_dir: str | Path | None,
+    images_file: Path,
+) -> TrainResult:
     if kind not in MODEL_KINDS:
         raise ValueError(f"model kind: {kind!r} is not one of {', '.join(MODEL_KINDS)}")
     cfg, train_cfg, classes = params.model(kind), params.train, params.dataset.classes
@@ -347,7 +371,7 @@ def train(
         rows["group"] = np.arange(len(rows))
     folds = Folds.make(rows, len(val_rows), train_cfg.folds, train_cfg.seed)
     fit = params.image.fit
-    x = load_images(rows["path"], size, fit=fit, root=data_root, desc="train images")
+    x = load_images(rows["path"], size, fit=fit, root=data_root, desc="train images", spill_to=images_file)
     y = label_indices(rows["label"], classes)
     # image.batch_size is per replica: the global batch grows with the replicas (across all workers),
     # and the learning rate is left as configured (not scaled with the global batch).
