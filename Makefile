@@ -9,6 +9,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# pytest-xdist processes for `make test` (the heavy tests spend much of their time waiting on subprocesses)
+TEST_WORKERS ?= 2
 PLOTS_TEMPLATE := build/dvc_plots_template.html
 # The venv first on PATH, so dvc.yaml's `python` is the project's.
 export PATH := $(abspath $(BIN)):$(PATH)
@@ -36,7 +38,7 @@ repro: setup
 	$(BIN)/dvc repro
 
 test: setup
-	$(BIN)/python -m pytest --durations=15
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" --durations=15

@@ -49,3 +49,11 @@ def reproduced(reproduced_project, tmp_path) -> Path:
     copy = tmp_path / "repo"
     shutil.copytree(reproduced_project, copy, symlinks=True)
     return copy
+
+
+def pytest_collection_modifyitems(items):
+    # With pytest-xdist (`make test` runs two workers, --dist loadgroup), every test that copies the
+    # reproduced project runs on one worker, so the project is reproduced once, not once per worker.
+    for item in items:
+        if "reproduced" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("reproduced"))
