@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from tests.support import make_project, run, tiny_params
 
@@ -36,8 +37,21 @@ def project(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def reproduced_project(tmp_path_factory) -> Path:
     """One tiny project, `dvc repro`-ed from scratch and committed once per session; tests that
-    start from a reproduced pipeline take a copy (`reproduced`) instead of rebuilding it."""
-    repo = make_project(tmp_path_factory.mktemp("reproduced") / "repo")
+    start from a reproduced pipeline take a copy (`reproduced`) instead of rebuilding it. Under
+    pytest-xdist the workers share it: the first to need it builds it, the others wait for it."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return _reproduce(tmp_path_factory.mktemp("reproduced") / "repo")
+    shared = tmp_path_factory.getbasetemp().parent / "reproduced"  # the run's folder, above each worker's
+    with FileLock(f"{shared}.lock"):
+        if not (shared / "done").is_file():
+            shutil.rmtree(shared, ignore_errors=True)  # a worker that failed half-way
+            _reproduce(shared / "repo")
+            (shared / "done").touch()
+    return shared / "repo"
+
+
+def _reproduce(repo: Path) -> Path:
+    make_project(repo)
     run(["dvc", "repro"], repo)
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "reproduced"], repo)
@@ -49,11 +63,3 @@ def reproduced(reproduced_project, tmp_path) -> Path:
     copy = tmp_path / "repo"
     shutil.copytree(reproduced_project, copy, symlinks=True)
     return copy
-
-
-def pytest_collection_modifyitems(items):
-    # With pytest-xdist (`make test` runs two workers, --dist loadgroup), every test that copies the
-    # reproduced project runs on one worker, so the project is reproduced once, not once per worker.
-    for item in items:
-        if "reproduced" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("reproduced"))
