@@ -9,7 +9,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# pytest-xdist processes for `make test` (the heavy tests spend much of their time waiting on subprocesses)
+# pytest-xdist processes for `make test`; tests are handed out one at a time (--maxschedchunk 1) in the
+# order tests/conftest.py sets, slowest first, so the workers finish together
 TEST_WORKERS ?= 2
 PLOTS_TEMPLATE := build/dvc_plots_template.html
 # The venv first on PATH, so dvc.yaml's `python` is the project's.
@@ -38,7 +39,7 @@ repro: setup
 	$(BIN)/dvc repro
 
 test: setup
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --durations=15
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --maxschedchunk 1 --durations=15
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" --durations=15

@@ -6,6 +6,7 @@ import atexit
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -38,16 +39,57 @@ def project(tmp_path) -> Path:
 def reproduced_project(tmp_path_factory) -> Path:
     """One tiny project, `dvc repro`-ed from scratch and committed once per session; tests that
     start from a reproduced pipeline take a copy (`reproduced`) instead of rebuilding it. Under
-    pytest-xdist the workers share it: the first to need it builds it, the others wait for it."""
+    pytest-xdist the workers share it: worker gw0 starts building it once collected (see
+    pytest_collection_modifyitems), and a worker that needs it first waits for it."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return _reproduce(tmp_path_factory.mktemp("reproduced") / "repo")
-    shared = tmp_path_factory.getbasetemp().parent / "reproduced"  # the run's folder, above each worker's
+    shared = _shared(tmp_path_factory.getbasetemp())
     with FileLock(f"{shared}.lock"):
-        if not (shared / "done").is_file():
-            shutil.rmtree(shared, ignore_errors=True)  # a worker that failed half-way
-            _reproduce(shared / "repo")
-            (shared / "done").touch()
+        _build_once(shared)  # a no-op once built
     return shared / "repo"
+
+
+def _runs_first(item) -> int:
+    """The slow tests first and the quick ones last, so two workers end together; of the slow, those
+    that copy the reproduced project after the others, by when it is built."""
+    if item.get_closest_marker("slow") is None:
+        return 2
+    return 1 if "reproduced_project" in getattr(item, "fixturenames", ()) else 0
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k have deselected
+def pytest_collection_modifyitems(config, items):
+    """Orders the tests (every worker the same way: pytest-xdist requires it); then worker gw0
+    builds the shared reproduced project in a thread from the start, so the build overlaps the
+    tests that don't need it rather than holding up a worker that does."""
+    items.sort(key=_runs_first)  # stable: file order within each group
+    if os.environ.get("PYTEST_XDIST_WORKER") != "gw0":
+        return
+    if not any("reproduced_project" in getattr(item, "fixturenames", ()) for item in items):
+        return
+    shared = _shared(config._tmp_path_factory.getbasetemp())
+    locked = threading.Event()
+
+    def build():
+        with FileLock(f"{shared}.lock"):
+            locked.set()
+            _build_once(shared)
+
+    threading.Thread(target=build, name="reproduce").start()
+    locked.wait()  # held before any test can ask for the project
+
+
+def _shared(worker_temp: Path) -> Path:
+    return worker_temp.parent / "reproduced"  # the run's folder, above each worker's
+
+
+def _build_once(shared: Path) -> None:
+    """Call holding the lock. A failed build leaves no `done`: the next caller tries again and
+    reports the failure."""
+    if not (shared / "done").is_file():
+        shutil.rmtree(shared, ignore_errors=True)
+        _reproduce(shared / "repo")
+        (shared / "done").touch()
 
 
 def _reproduce(repo: Path) -> Path:

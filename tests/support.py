@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -31,6 +33,9 @@ def tiny_params() -> dict:
     params["evaluate"].update(bootstrap_resamples=50)
     return params
 
+
+# What `dvc repro` writes that DVC caches: a digest of each shows whether anything was rewritten
+OUTPUTS = ("data/raw/dataset.zip", "data/extracted", "data/split", "models/cnn.keras", "models/resnet.keras")
 
 # `dvc status` of a reproduced pipeline: the track stage always runs (it hashes inputs outside the repo)
 ALWAYS_CHANGED = {"track": ["always changed"]}
@@ -84,3 +89,59 @@ def model_metadata(size: int) -> dict:
         "data": {"source": "path"},
         "kneexray_version": __version__,
     }
+
+
+def check_class_set(project: Path, classes: list[str], n_images: int) -> None:
+    """A reproduced project on `classes`: every output speaks of those classes, in that order; the
+    saved model beats the majority class clearly (a label mix-up anywhere would drop it to chance);
+    prediction answers with one of them."""
+    from kneexray.model.files import read_metadata
+    from kneexray.predict import predict_files
+
+    k = len(classes)
+    audit = json.loads((project / "reports/data_audit.json").read_text())
+    assert list(audit["images_per_class"]) == classes and sum(audit["images_per_class"].values()) == n_images
+    split = json.loads((project / "reports/split.json").read_text())
+    assert all(list(counts) == classes for counts in split["images_per_split"].values())
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert metrics["classes"] == classes and list(metrics["cnn"]["recall"]) == classes
+    assert "clinical_ost" not in metrics["baselines"]  # the OST rule has three risk levels of its own
+    details = json.loads((project / "reports/eval/cnn/details.json").read_text())
+    assert len(details["confusion_matrix"]) == k and all(len(row) == k for row in details["confusion_matrix"])
+    for model in ("cnn", "resnet"):
+        assert read_metadata(project / f"models/{model}.keras")["classes"] == classes
+    majority = metrics["baselines"]["majority"]["macro_f1"]
+    assert metrics["cnn"]["macro_f1"] > majority + 0.25, (metrics["cnn"]["macro_f1"], majority)
+    assert all(f"recall {c}" in (project / "reports/README.md").read_text() for c in classes)
+
+    image = next(p for p in sorted((project / "data/extracted/images").rglob("*")) if p.is_file())
+    [row] = predict_files(project / "models/cnn.keras", [image])  # what `kneexray predict` prints
+    assert row["predicted"] in classes and list(row["probabilities"]) == classes
+
+
+def digest(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (names and bytes)."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    hashed = hashlib.sha256()
+    for file in files:
+        hashed.update(file.relative_to(path.parent).as_posix().encode())
+        hashed.update(file.read_bytes())
+    return hashed.hexdigest()
+
+
+def experiments(shown: list) -> dict[str, dict]:
+    """Experiment name -> its `data` (params, metrics) from `dvc exp show --json`."""
+    found = {}
+
+    def walk(node):
+        if isinstance(node, dict):
+            if node.get("name") and isinstance(node.get("data"), dict) and node["data"].get("params"):
+                found[node["name"]] = node["data"]
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(shown)
+    return found

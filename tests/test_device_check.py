@@ -52,13 +52,13 @@ def test_device_check_runs_both_trainings_under_two_precision_policies(tmp_path)
             "-m",
             "bench.gpu_check",
             "--images",
-            "120",
+            "60",
             "--size",
             "32",
             "--batch",
             "8",
             "--epochs",
-            "3",
+            "2",
             "--policies",
             "float32,mixed_bfloat16",
             "--out",
@@ -76,6 +76,6 @@ def test_device_check_runs_both_trainings_under_two_precision_policies(tmp_path)
         by_policy = report["images_per_s"][model]
         assert set(by_policy) == {"float32", "mixed_bfloat16"}
         for figures in by_policy.values():
-            assert len(figures["per_epoch"]) == 3 and figures["median"] > 0
+            assert len(figures["per_epoch"]) == 2 and figures["median"] > 0
         assert by_policy["float32"]["speedup"] == 1.0
     assert "| cnn |" in result.stdout and "mixed_bfloat16 images/s" in result.stdout

@@ -1,11 +1,11 @@
-"""Scaling with DVC's own machinery on a tiny phantom: the experiment queue, a shared remote, the CI report.
+"""Scaling with DVC's own machinery on a tiny phantom: a shared remote, the CI report. (The experiment
+queue runs in tests/test_pipeline_e2e.py, on the same reproduced project.)
 
 One reproduced-and-committed project is built per module; each test works on its own copy of it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -14,12 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench import real_data  # the queue helpers the real-data benchmark uses
-from tests.support import ALWAYS_CHANGED, ROOT, run, tool_env
+from tests.support import ALWAYS_CHANGED, OUTPUTS, ROOT, digest, run
 
 pytestmark = pytest.mark.slow
-
-OUTPUTS = ("data/raw/dataset.zip", "data/extracted", "data/split", "models/cnn.keras", "models/resnet.keras")
 
 
 @pytest.fixture
@@ -28,75 +25,10 @@ def repo(reproduced) -> Path:
     return reproduced
 
 
-def _digest(path: Path) -> str:
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.relative_to(path.parent).as_posix().encode())
-        digest.update(file.read_bytes())
-    return digest.hexdigest()
-
-
-def _experiments(shown: list) -> dict[str, dict]:
-    """Experiment name -> its `data` (params, metrics) from `dvc exp show --json`."""
-    found = {}
-
-    def walk(node):
-        if isinstance(node, dict):
-            if node.get("name") and isinstance(node.get("data"), dict) and node["data"].get("params"):
-                found[node["name"]] = node["data"]
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(shown)
-    return found
-
-
-def test_queued_grid_runs_two_experiments_in_parallel_and_exp_show_compares_them(repo):
-    before = {name: _digest(repo / name) for name in OUTPUTS}
-    queued = run(
-        ["dvc", "exp", "run", "--queue", "-S", "cnn.learning_rate=0.002,0.0003", "-S", "train.threads=1"], repo
-    )
-    assert queued.stdout.count("Queued experiment") == 2, queued.stdout
-    run(["dvc", "queue", "start", "-j", "2"], repo)
-    try:
-        status = real_data.wait_for_queue(repo, tool_env(), timeout_s=900, poll_s=3)
-    finally:
-        run(["dvc", "queue", "stop"], repo)
-    assert sorted(status.values()) == ["Success", "Success"], status
-    logs = [run(["dvc", "queue", "logs", name], repo).stdout for name in status]
-    for log in logs:  # the cached data stages were reused; only what the changed params feed reran
-        assert "Running stage 'train_cnn'" in log and "Running stage 'fetch'" not in log
-        # train.threads changes how training runs, not its result: a CNN-only sweep leaves the ResNet be
-        assert "Running stage 'train_resnet'" not in log
-        assert "1 TensorFlow thread" in log  # train.threads reached the training process
-
-    experiments = _experiments(json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout))
-    runs = {name: data for name, data in experiments.items() if name in status}
-    assert len(runs) == 2
-    rates, results = [], []
-    for data in runs.values():
-        params = data["params"]["params.yaml"]["data"]
-        rates.append(params["cnn"]["learning_rate"])
-        assert params["train"]["threads"] == 1
-        results.append(data["metrics"]["reports/metrics.json"]["data"]["cnn"])
-    assert sorted(rates) == [0.0003, 0.002]
-    assert results[0] != results[1]  # each ran its own training: no output was overwritten by the other
-
-    table = run(["dvc", "exp", "show", "--md", "--keep", "cnn.learning_rate|cnn.macro_f1", "--drop", ".*"], repo).stdout
-    assert "0.0003" in table and "cnn.macro_f1" in table
-    # the queue ran in its own workspaces: this one is untouched
-    assert yaml.safe_load((repo / "params.yaml").read_text())["cnn"]["learning_rate"] == 0.001
-    assert {name: _digest(repo / name) for name in OUTPUTS} == before
-
-
 def test_push_to_a_local_remote_then_pull_into_an_empty_cache_restores_everything(repo, tmp_path):
     remote = tmp_path / "dvc-remote"
     run(["dvc", "remote", "add", "-d", "shared", str(remote)], repo)
-    before = {name: _digest(repo / name) for name in OUTPUTS}
+    before = {name: digest(repo / name) for name in OUTPUTS}
     pushed = run(["dvc", "push"], repo)
     assert "pushed" in pushed.stdout
     assert sum(1 for p in remote.rglob("*") if p.is_file()) >= len(OUTPUTS)
@@ -110,24 +42,26 @@ def test_push_to_a_local_remote_then_pull_into_an_empty_cache_restores_everythin
 
     run(["dvc", "pull"], repo)
     assert json.loads(run(["dvc", "status", "--json"], repo).stdout) == ALWAYS_CHANGED
-    assert {name: _digest(repo / name) for name in OUTPUTS} == before
+    assert {name: digest(repo / name) for name in OUTPUTS} == before
 
 
 def test_ci_report_script_reproduces_and_writes_metrics_and_params_diff(repo):
     shutil.copytree(ROOT / "ci", repo / "ci")
-    run(["git", "checkout", "-qb", "faster-cnn"], repo)
+    # a change to the evaluation only (new bootstrap CIs): the models are reused, the metrics change
+    run(["git", "checkout", "-qb", "more-resamples"], repo)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["cnn"]["learning_rate"] = 0.01
+    params["evaluate"]["bootstrap_resamples"] = 80
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "commit", "-qam", "try a higher learning rate"], repo)
+    run(["git", "commit", "-qam", "more bootstrap resamples"], repo)
 
     result = run(["bash", "ci/exp_report.sh", "main", "report.md"], repo)
-    assert "Running stage 'train_cnn'" in result.stdout and "Running stage 'fetch'" not in result.stdout
+    assert "Running stage 'evaluate'" in result.stdout and "Running stage 'fetch'" not in result.stdout
+    assert "Running stage 'train_cnn'" not in result.stdout
     report = (repo / "report.md").read_text()
     metrics, params_part = report.split("### Params")
     assert "`main`" in report and "### Metrics" in metrics
     assert "reports/metrics.json" in metrics and "cnn." in metrics and "| Path" in metrics
-    assert "cnn.learning_rate" in params_part and "0.001" in params_part and "0.01" in params_part
+    assert "evaluate.bootstrap_resamples" in params_part and "50" in params_part and "80" in params_part
     assert not list(repo.glob("report.md.*"))  # the temporary file was renamed, not left behind
     # which ResNet50 weights each side had: an environment change must not read as a result
     weights = report.split("### ResNet50 weights")[1]

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def test_exp_run_overrides_reach_the_training_stage(reproduced):
     project = reproduced  # only train_cnn reruns
-    run(
+    result = run(
         [
             "dvc",
             "exp",
@@ -30,10 +30,13 @@ def test_exp_run_overrides_reach_the_training_stage(reproduced):
             "cnn.filters=[4,8]",
             "-S",
             'dataset.path="1e3"',
+            "-S",
+            "train.threads=1",
             "train_cnn",
         ],
         project,
     )
+    assert "1 TensorFlow thread" in result.stdout + result.stderr  # train.threads reached the training process
     written = (project / "params.yaml").read_text()
     assert "1e-05" in written  # the form that broke PyYAML
     from kneexray.params import load

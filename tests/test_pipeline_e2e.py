@@ -1,4 +1,5 @@
-"""The whole pipeline through DVC on a tiny phantom: repro, exp run, metrics diff, plots show."""
+"""The whole pipeline through DVC on a tiny phantom: repro, a queued grid of experiments, exp apply,
+metrics diff, plots show."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import json
 import pytest
 import yaml
 
-from tests.support import ALWAYS_CHANGED, run
+from bench import real_data  # the queue helpers the real-data benchmark uses
+from tests.support import ALWAYS_CHANGED, OUTPUTS, digest, experiments, run, tool_env
 
 pytestmark = pytest.mark.slow
 
@@ -54,21 +56,54 @@ def test_dvc_pipeline_end_to_end(reproduced):
     run(["dvc", "repro", "-f", "-s", "plot"], project)
     assert figures == {p.name: p.read_bytes() for p in (project / "reports/figures").glob("*.png")}
 
-    # an experiment with another learning rate reruns training only, then is compared with the baseline
-    exp = run(["dvc", "exp", "run", "-S", "cnn.learning_rate=0.01"], project)
-    assert "Running stage 'fetch'" not in exp.stdout and "Running stage 'train_cnn'" in exp.stdout
-    assert yaml.safe_load((project / "params.yaml").read_text())["cnn"]["learning_rate"] == 0.01
+    # a grid of two settings, queued and run side by side, each in its own workspace: the cached stages
+    # are reused, only what the changed param feeds reruns, and `dvc exp show` compares them. The grid
+    # is over an evaluation setting so no model is retrained here (a training param reaching the
+    # training through `dvc exp run`: tests/test_params_overrides.py)
+    before = {name: digest(project / name) for name in OUTPUTS}
+    queued = run(["dvc", "exp", "run", "--queue", "-S", "evaluate.bootstrap_resamples=60,80"], project)
+    assert queued.stdout.count("Queued experiment") == 2, queued.stdout
+    run(["dvc", "queue", "start", "-j", "2"], project)
+    try:
+        status = real_data.wait_for_queue(project, tool_env(), timeout_s=900, poll_s=3)
+    finally:
+        run(["dvc", "queue", "stop"], project)
+    assert sorted(status.values()) == ["Success", "Success"], status
+    for name in status:
+        log = run(["dvc", "queue", "logs", name], project).stdout
+        assert "Running stage 'evaluate'" in log and "Running stage 'plot'" in log
+        assert "Running stage 'fetch'" not in log and "Running stage 'train_cnn'" not in log
+    runs = {
+        name: data
+        for name, data in experiments(json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)).items()
+        if name in status
+    }
+    resamples = {
+        name: data["params"]["params.yaml"]["data"]["evaluate"]["bootstrap_resamples"] for name, data in runs.items()
+    }
+    assert sorted(resamples.values()) == [60, 80]
+    results = [data["metrics"]["reports/metrics.json"]["data"]["cnn"]["ci95"] for data in runs.values()]
+    assert results[0] != results[1]  # each ran its own evaluation: no output was overwritten by the other
+    table = run(
+        ["dvc", "exp", "show", "--md", "--keep", "evaluate.bootstrap_resamples|cnn.macro_f1", "--drop", ".*"], project
+    )
+    assert "80" in table.stdout and "cnn.macro_f1" in table.stdout
+    # the queue ran in its own workspaces: this one is untouched
+    assert yaml.safe_load((project / "params.yaml").read_text())["evaluate"]["bootstrap_resamples"] == 50
+    assert {name: digest(project / name) for name in OUTPUTS} == before
+
+    # one of them brought into the workspace, then compared with the baseline
+    run(["dvc", "exp", "apply", next(name for name, value in resamples.items() if value == 80)], project)
+    assert yaml.safe_load((project / "params.yaml").read_text())["evaluate"]["bootstrap_resamples"] == 80
     diff = json.loads(run(["dvc", "metrics", "diff", "--json", "--all"], project).stdout)
     assert "reports/metrics.json" in diff and "cnn.accuracy" in diff["reports/metrics.json"]
     params_diff = json.loads(run(["dvc", "params", "diff", "--json"], project).stdout)
-    change = params_diff["params.yaml"]["cnn.learning_rate"]
-    assert (change["old"], change["new"]) == (0.001, 0.01)
-    shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
-    assert len(shown) >= 1
+    change = params_diff["params.yaml"]["evaluate.bootstrap_resamples"]
+    assert (change["old"], change["new"]) == (50, 80)
 
     # two commits with different params: `dvc metrics diff` between them prints what changed
     run(["git", "add", "-A"], project)
-    run(["git", "commit", "-qm", "higher learning rate"], project)
+    run(["git", "commit", "-qm", "more bootstrap resamples"], project)
     between = run(["dvc", "metrics", "diff", "HEAD~1", "HEAD", "--all"], project).stdout
     assert "reports/metrics.json" in between and "cnn.macro_f1" in between and "resnet.macro_f1" in between
 

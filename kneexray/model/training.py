@@ -314,11 +314,12 @@ def _log_epoch(live: Live, train_loss: float, train_acc: float, y: np.ndarray, p
     live.next_step()
 
 
-def _features(base: keras.Model, x: np.ndarray, batch: int) -> np.ndarray:
-    """The frozen base's pooled features of each image: computed once, so the k heads and all their
-    epochs cost what one pass of the base costs."""
+def _features(base: keras.Model, x: np.ndarray, batch: int, *, mirrored: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """The frozen base's pooled features of each image (and of its mirror image): computed once, so
+    the k heads and all their epochs cost what one pass of the base costs. One extractor for both
+    passes: its predict function is traced once."""
     extractor = keras.Sequential([GreyToRGB(), CaffePreprocess(), base])
-    return infer(extractor, x, batch)
+    return infer(extractor, x, batch), (infer(extractor, x[:, :, ::-1], batch) if mirrored else None)
 
 
 def train(
@@ -429,9 +430,9 @@ def _train(
                 base, weights_source = resnet_base(
                     size, weights=rcfg.weights, weights_path=rcfg.weights_path, required=rcfg.weights_required
                 )
-            features = _features(base, x, batch)
             # Mirrored copies are the one augmentation that survives caching features.
-            mirrored = (_features(base, x[:, :, ::-1], batch), y) if params.augment.horizontal_flip else None
+            features, flipped = _features(base, x, batch, mirrored=params.augment.horizontal_flip)
+            mirrored = (flipped, y) if flipped is not None else None
 
             def build(bias):
                 return build_head(
